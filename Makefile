@@ -1,0 +1,26 @@
+# Everything runs inside .venv, built from pyproject.toml with the pins in constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: install test test-slow demo smollm2 bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install smollm2
+	$(PY) -m pytest -q -m slow
+
+demo: install
+	$(VENV)/bin/gradaccum train --output runs/demo --overwrite
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

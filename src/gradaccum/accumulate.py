@@ -1,0 +1,283 @@
+"""Exact gradient accumulation: K micro-batches that add up to exactly one big batch.
+
+A *window* is the set of micro-batches that make one optimizer step, on every
+data-parallel rank. Let S_k be the summed token loss of micro-batch k and n_k its
+number of target tokens (labels != ignore_index, after the causal shift). Then
+
+    naive:  L = (1/K) * sum_k S_k / n_k       right only when every n_k is equal
+    exact:  L = sum_k S_k / N,   N = sum_k n_k over every micro-batch of the window
+                                              on every rank (the big-batch mean)
+
+So micro-batch k backpropagates  S_k / N,  times W (the world size) when DDP or
+FSDP2 average gradients over W ranks, because their mean must come out as a sum.
+N is counted from the labels *before* the first forward: one all-reduce per window.
+
+normalize="samples" is the same equation one level up: S_k is the sum over
+sequences of each sequence's mean token loss and N the number of sequences that
+have at least one target.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .losses import count_target_sequences, count_targets, sequence_mean_sum, token_loss_sum
+
+
+@dataclass
+class StepStats:
+    """What one window did. `loss` is the exact window loss over all ranks (sum S / N)."""
+
+    step: int  # optimizer steps taken so far, this one included when it was taken
+    loss: float  # nats per target token (or per sequence with normalize="samples"); nan if N == 0
+    num_targets: int  # N: global target tokens (or target sequences) in the window
+    grad_norm: float | None  # total gradient norm before clipping; None when the step was skipped
+    lr: float | None  # learning rate of the first param group used for this step
+    num_micro_batches: int  # micro-batches this rank ran in the window
+    skipped: bool = False
+    skip_reason: str | None = None  # "no_targets" or "nonfinite"
+
+
+def default_labels(batch: Any) -> torch.Tensor:
+    """Labels of a batch: `batch["labels"]` for dicts, the last element for tuples."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return batch["labels"]
+    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[-1]):
+        return batch[-1]
+    raise ValueError(
+        "cannot find labels in the batch: use dicts with a 'labels' key, tuples ending "
+        "with the labels, or pass count_fn= to Accumulator"
+    )
+
+
+class Accumulator:
+    """Drives exact gradient accumulation around any model, optimizer and scheduler."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        scheduler: Any = None,
+        normalize: str = "tokens",
+        ignore_index: int = -100,
+        shift_labels: bool = True,
+        accumulation: str = "exact",
+        count_fn: Callable[[Any], int] | None = None,
+        process_group: Any = None,
+        skip_nonfinite: bool = True,
+    ):
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if normalize not in ("tokens", "samples"):
+            raise ValueError(f"normalize must be 'tokens' or 'samples', got {normalize!r}")
+        if accumulation not in ("exact", "naive"):
+            raise ValueError(f"accumulation must be 'exact' or 'naive', got {accumulation!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.scheduler = scheduler
+        self.normalize = normalize
+        self.ignore_index = ignore_index
+        self.shift_labels = shift_labels
+        self.accumulation = accumulation
+        self.count_fn = count_fn
+        self.process_group = process_group
+        self.skip_nonfinite = skip_nonfinite
+        self.step = 0  # optimizer steps taken
+        self.num_skipped = 0  # windows whose optimizer step was skipped
+
+    # -- counting -------------------------------------------------------------
+    def count(self, batch: Any) -> int:
+        """Targets in one micro-batch: tokens, or sequences with normalize="samples"."""
+        if self.count_fn is not None:
+            return int(self.count_fn(batch))
+        labels = default_labels(batch)
+        if self.normalize == "samples":
+            return count_target_sequences(labels, self.ignore_index, self.shift_labels)
+        return count_targets(labels, self.ignore_index, self.shift_labels)
+
+    def _collective_device(self) -> torch.device:
+        # NCCL only reduces CUDA tensors; gloo and single-process are happy on the CPU.
+        param = next(self.model.parameters(), None)
+        if param is not None and param.device.type == "cuda":
+            return param.device
+        return torch.device("cpu")
+
+    def _syncs_over_ranks(self) -> bool:
+        return dist_utils.averages_gradients(self.model) or (
+            self.process_group is not None and dist_utils.is_distributed()
+        )
+
+    # -- the loop ---------------------------------------------------------------
+    def windows(self, batches: Iterable[Any]) -> Iterator["Window"]:
+        """Group `batches` into windows of `accumulation_steps`; the last may be partial.
+
+        Under data parallelism every rank runs the same number of windows: a rank whose
+        data ran out while others still have some gets one fully-masked micro-batch, so
+        its backward still joins the gradient all-reduce and adds exactly zero.
+        """
+        iterator = iter(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        template, sync = None, self._syncs_over_ranks()
+        for index in itertools.count():
+            micro_batches = list(itertools.islice(iterator, self.accumulation_steps))
+            counts = [self.count(batch) for batch in micro_batches]
+            # One collective per window: [targets, micro-batches] summed over ranks.
+            totals = torch.tensor([sum(counts), len(micro_batches)], dtype=torch.float64,
+                                  device=self._collective_device())
+            if sync:
+                dist_utils.all_reduce_sum(totals, self.process_group)
+            num_targets, num_micro_batches_global = int(totals[0]), int(totals[1])
+            if num_micro_batches_global == 0:
+                return
+            if micro_batches:
+                template = micro_batches[-1]
+            else:
+                micro_batches, counts = [self._masked_copy(template)], [0]
+            window = Window(self, index, micro_batches, counts, num_targets)
+            yield window
+            if not window.stepped:
+                raise RuntimeError("call window.step() before moving on to the next window")
+
+    def _masked_copy(self, batch: Any) -> Any:
+        if isinstance(batch, Mapping) and "labels" in batch:
+            return {**batch, "labels": torch.full_like(batch["labels"], self.ignore_index)}
+        raise ValueError(
+            f"rank {dist_utils.rank()} has no micro-batch in a window where other ranks do; "
+            "give every rank data, or use dict batches with 'labels' so it can join with a masked one"
+        )
+
+    # -- checkpointing ------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "num_skipped": self.num_skipped}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.step, self.num_skipped = int(state["step"]), int(state["num_skipped"])
+
+
+class Window:
+    """One optimizer step's micro-batches. Iterate it, backpropagate `loss()`, then `step()`."""
+
+    def __init__(self, acc: Accumulator, index: int, batches: list, counts: list[int], num_targets: int):
+        self.acc = acc
+        self.index = index  # 0-based window number within this `windows()` loop
+        self.batches = batches  # this rank's micro-batches
+        self.num_targets = num_targets  # N, global, known before the first forward
+        self.micro_step: int | None = None  # index of the micro-batch being run
+        self.stepped = False
+        self._counts = counts  # n_k of this rank's micro-batches
+        self._factor = dist_utils.gradient_average_factor(acc.model, acc.process_group)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=acc._collective_device())
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        last = len(self.batches) - 1
+        for micro_step, batch in enumerate(self.batches):
+            self.micro_step = micro_step
+            # Gradients are reduced over ranks only on the last backward of the window.
+            with dist_utils.gradient_sync(self.acc.model, enabled=micro_step == last):
+                yield batch
+        self.micro_step = None
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's exact share of the window loss, ready for `.backward()`."""
+        acc = self.acc
+        if acc.normalize == "samples":
+            summed = sequence_mean_sum(logits, labels, acc.ignore_index, acc.shift_labels)
+            num_local = count_target_sequences(labels, acc.ignore_index, acc.shift_labels)
+        else:
+            summed = token_loss_sum(logits, labels, acc.ignore_index, acc.shift_labels)
+            num_local = count_targets(labels, acc.ignore_index, acc.shift_labels)
+        return self.scale(summed, num_micro_targets=num_local)
+
+    def scale(self, summed_loss: torch.Tensor, num_micro_targets: int | None = None) -> torch.Tensor:
+        """Turn a *summed* loss of this micro-batch into its exact share: S_k * W / N.
+
+        `num_micro_targets` (n_k) only matters for accumulation="naive"; it defaults to
+        the count taken for the current micro-batch.
+        """
+        self._loss_sum += summed_loss.detach().to(self._loss_sum)
+        if self.acc.accumulation == "naive":
+            # The bug on purpose: each micro-batch's own mean, averaged over micro-batches,
+            # and left to DDP to average over ranks.
+            if num_micro_targets is None:
+                if self.micro_step is None:
+                    raise ValueError("naive scale() outside the window loop needs num_micro_targets")
+                num_micro_targets = self._counts[self.micro_step]
+            if num_micro_targets == 0:
+                return summed_loss * 0.0
+            return summed_loss / (num_micro_targets * len(self.batches))
+        if self.num_targets == 0:
+            return summed_loss * 0.0  # keeps the graph (DDP needs the backward) without 0/0
+        return summed_loss * (self._factor / self.num_targets)
+
+    def step(self) -> StepStats:
+        """Clip once, step the optimizer and scheduler once, zero the gradients."""
+        if self.stepped:
+            raise RuntimeError("window.step() was already called for this window")
+        self.stepped = True
+        acc = self.acc
+        params = [p for group in acc.optimizer.param_groups for p in group["params"]]
+        lr = acc.optimizer.param_groups[0].get("lr") if acc.optimizer.param_groups else None
+        loss_sum = self._loss_sum.clone()
+        if acc._syncs_over_ranks():
+            dist_utils.all_reduce_sum(loss_sum, acc.process_group)
+        loss = float(loss_sum) / self.num_targets if self.num_targets else math.nan
+
+        def skip(reason: str, grad_norm: float | None) -> StepStats:
+            acc.optimizer.zero_grad(set_to_none=True)
+            acc.num_skipped += 1
+            return StepStats(acc.step, loss, self.num_targets, grad_norm, lr, len(self.batches), True, reason)
+
+        if self.num_targets == 0:
+            warnings.warn(f"window {self.index} has no target tokens: optimizer step skipped", stacklevel=2)
+            return skip("no_targets", None)
+        grad_norm = _clip_grad_norm(params, acc.max_grad_norm)
+        if acc.skip_nonfinite and not math.isfinite(grad_norm):
+            warnings.warn(f"window {self.index}: gradient norm is {grad_norm}: optimizer step skipped",
+                          stacklevel=2)
+            return skip("nonfinite", grad_norm)
+        acc.optimizer.step()
+        if acc.scheduler is not None:
+            acc.scheduler.step()
+        acc.optimizer.zero_grad(set_to_none=True)
+        acc.step += 1
+        return StepStats(acc.step, loss, self.num_targets, grad_norm, lr, len(self.batches))
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Total L2 norm of the gradients before clipping; clip to `max_norm` if given."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if hasattr(nn.utils, "get_total_norm"):  # torch >= 2.6: norm without touching the grads
+        total = nn.utils.get_total_norm(grads)
+        if hasattr(total, "full_tensor"):  # FSDP2: a partial norm over shards
+            total = total.full_tensor()
+        if max_norm is not None:
+            nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    else:
+        total = nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+    return float(total)

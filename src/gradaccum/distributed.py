@@ -1,0 +1,97 @@
+"""torch.distributed glue: who averages gradients, summing counts, and sync control.
+
+DDP and FSDP2 both *average* gradients over ranks. The Accumulator divides by the
+global count itself, so it multiplies each rank's share by the world size to turn
+that average back into the sum the big-batch gradient needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch 2.4 / 2.5 keep FSDP2 under _composable
+    try:
+        from torch.distributed._composable.fsdp import FSDPModule  # type: ignore
+    except ImportError:  # pragma: no cover - builds without distributed
+        FSDPModule = ()  # type: ignore
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def fsdp_roots(model: nn.Module) -> list[nn.Module]:
+    """The outermost FSDP2-sharded modules of `model` (usually just `model`)."""
+    if not FSDPModule:
+        return []
+    if isinstance(model, FSDPModule):
+        return [model]
+    roots, stack = [], list(model.children())
+    while stack:
+        module = stack.pop()
+        if isinstance(module, FSDPModule):
+            roots.append(module)
+        else:
+            stack.extend(module.children())
+    return roots
+
+
+def averages_gradients(model: nn.Module) -> bool:
+    """True when a data-parallel wrapper will average this model's gradients over ranks."""
+    return isinstance(model, DistributedDataParallel) or bool(fsdp_roots(model))
+
+
+def gradient_average_factor(model: nn.Module, group=None) -> int:
+    """What to multiply each rank's loss by so that the wrapper's mean becomes a sum."""
+    return world_size(group) if averages_gradients(model) else 1
+
+
+def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `values` over ranks (in place) and return it; a no-op on one process."""
+    if is_distributed() and world_size(group) > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Run forward+backward with (enabled) or without gradient synchronisation.
+
+    Skipping the sync on non-final micro-batches saves K-1 all-reduces per window;
+    the final backward then reduces the accumulated sum once.
+    """
+    if enabled:
+        yield
+        return
+    if isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    roots = fsdp_roots(model)
+    for root in roots:
+        root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        for root in roots:
+            root.set_requires_gradient_sync(True)
