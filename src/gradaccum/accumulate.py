@@ -124,17 +124,26 @@ class Accumulator:
 
     # -- the loop ---------------------------------------------------------------
     def windows(self, batches: Iterable[Any]) -> Iterator["Window"]:
-        """Group `batches` into windows of `accumulation_steps`; the last may be partial.
+        """Group `batches` into windows of `accumulation_steps`; the last may be partial."""
+        iterator = iter(batches)
+        groups = iter(lambda: list(itertools.islice(iterator, self.accumulation_steps)), [])
+        return self.grouped_windows(groups)
+
+    def grouped_windows(self, groups: Iterable[list[Any]]) -> Iterator["Window"]:
+        """One window per list of micro-batches, for loops that form windows themselves.
 
         Under data parallelism every rank runs the same number of windows: a rank whose
         data ran out while others still have some gets one fully-masked micro-batch, so
         its backward still joins the gradient all-reduce and adds exactly zero.
         """
-        iterator = iter(batches)
+        iterator = iter(groups)
         self.optimizer.zero_grad(set_to_none=True)
         template, sync = None, self._syncs_over_ranks()
         for index in itertools.count():
-            micro_batches = list(itertools.islice(iterator, self.accumulation_steps))
+            micro_batches = list(next(iterator, []))
+            if len(micro_batches) > self.accumulation_steps:
+                raise ValueError(f"a window of {len(micro_batches)} micro-batches exceeds "
+                                 f"accumulation_steps={self.accumulation_steps}")
             counts = [self.count(batch) for batch in micro_batches]
             # One collective per window: [targets, micro-batches] summed over ranks.
             totals = torch.tensor([sum(counts), len(micro_batches)], dtype=torch.float64,

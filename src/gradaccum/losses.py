@@ -72,3 +72,25 @@ def sequence_mean_sum(
     """Sum over sequences of each sequence's mean token loss (sequences without targets add 0)."""
     sums, counts = sequence_loss_sums(logits, labels, ignore_index, shift_labels)
     return (sums / counts.clamp(min=1).to(sums.dtype)).sum()
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM and its summed loss in one forward.
+
+    Data-parallel wrappers (DDP, FSDP2) only see work done inside `forward`, so the
+    loss is computed here rather than on logits handed back to the loop.
+    Returns the *summed* loss: token losses (normalize="tokens") or per-sequence means
+    (normalize="samples"); the Accumulator divides by the global count.
+    """
+
+    def __init__(self, model: torch.nn.Module, normalize: str = "tokens", ignore_index: int = -100):
+        super().__init__()
+        self.model = model
+        self.normalize = normalize
+        self.ignore_index = ignore_index
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.normalize == "samples":
+            return sequence_mean_sum(logits, labels, self.ignore_index)
+        return token_loss_sum(logits, labels, self.ignore_index)

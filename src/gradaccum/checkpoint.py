@@ -1,0 +1,176 @@
+"""Atomic, verifiable checkpoints and exact resume.
+
+A checkpoint is a folder `checkpoint-<step>/` holding:
+    model.safetensors   the model's state dict (tied weights handled by safetensors)
+    optimizer.pt        optimizer + scheduler + accumulator state, tensors only
+                        (read back with torch.load(weights_only=True): no pickle code runs)
+    rng.safetensors     CPU (and CUDA) generator states
+    state.json          step, epoch, data position and the run config
+    manifest.json       sha256 of every file above; written last
+
+It is written into `.checkpoint-<step>.tmp/`, every file fsynced, then renamed into
+place, so a kill at any moment leaves either the previous checkpoint or the new one,
+never half of one. `find_latest` verifies checksums and falls back to an older
+checkpoint when the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(state) if k.startswith("torch_cuda_")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    training_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `checkpoint-<step>/` atomically and prune to the newest `keep` checkpoints.
+
+    `training_state` holds tensors and plain values (optimizer, scheduler, accumulator
+    state dicts); `state` is JSON (step, data position, config). `model_state`, when
+    given, is saved instead of `model` (e.g. a full state dict gathered from FSDP shards).
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if model_state is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(training_state, tmp / "optimizer.pt")
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name in files + [MANIFEST]:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Checkpoint]:
+    """Checkpoint folders in `output_dir`, oldest first (unverified)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _NAME.match(child.name)
+        if match and child.is_dir():
+            found.append(Checkpoint(child, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def verify(path: str | Path) -> None:
+    """Raise CheckpointError unless every file in the manifest is present and intact."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({exc.__class__.__name__})") from None
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path}: {name} does not match its checksum")
+
+
+def find_latest(output_dir: str | Path, warn=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported and skipped."""
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        try:
+            verify(checkpoint.path)
+            return checkpoint
+        except CheckpointError as exc:
+            warn(f"skipping damaged checkpoint: {exc}")
+    return None
+
+
+def load(path: str | Path, model: torch.nn.Module | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into `model` (when given) and RNG; return (training_state, state)."""
+    path = Path(path)
+    verify(path)
+    if model is not None:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: model does not match the checkpoint "
+                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    training_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    set_rng_state(load_file(str(path / "rng.safetensors")))
+    state = json.loads((path / "state.json").read_text())
+    return training_state, state
