@@ -95,3 +95,47 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     finally:
         for root in roots:
             root.set_requires_gradient_sync(True)
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); return whether we did."""
+    import os
+
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def wrap(module: nn.Module, fsdp: bool, device: torch.device) -> nn.Module:
+    """DDP by default, FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True."""
+    if not is_distributed() or world_size() == 1:
+        return module
+    if not fsdp:
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList):  # the decoder layers of HF-style models
+            for layer in child:
+                fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

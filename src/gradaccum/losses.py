@@ -1,15 +1,21 @@
-"""Sum-reduced token losses.
+"""Sum-reduced token losses, and a chunked LM-head cross-entropy that never builds full logits.
 
 Every loss here returns a *sum* over target tokens, never a mean: the division by
 the number of targets belongs to the Accumulator, which alone knows the count of
 the whole window over all ranks. A mean taken here would bake in the very
 per-micro-batch normalisation that makes naive accumulation wrong.
+
+At a 49,152-token vocabulary (SmolLM2) the `[tokens, vocab]` logits and their gradient
+dominate activation memory. `chunked_cross_entropy` projects `chunk_size` tokens at a
+time, keeps one logsumexp per token, and recomputes each chunk in backward; `CausalLMLoss`
+uses it for plain HF causal LMs, projecting only the positions that have a target.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = True):
@@ -74,6 +80,209 @@ def sequence_mean_sum(
     return (sums / counts.clamp(min=1).to(sums.dtype)).sum()
 
 
+# ---------------------------------------------------------------------------------------------
+# Chunked LM-head cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The same rule as `_upcast`: half precisions compute the softmax in float32, float64 stays.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    # The projection runs in the input dtype, exactly as the model's nn.Linear head would, and
+    # only its result is upcast: the same arithmetic as the unchunked path, row block by row block.
+    return F.linear(hidden, weight, bias).to(dtype)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T + bias`, `chunk_size` tokens at a time.
+
+    Saved for backward: the inputs (which exist anyway) and one logsumexp per token. The
+    backward recomputes each chunk's logits, so logits (and logit gradients) only ever exist
+    one `chunk_size x V` block at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, chunk_size):
+        num_tokens = hidden.shape[0]
+        dtype = _accumulation_dtype(hidden.dtype)
+        lse = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+        loss = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            logits = _chunk_logits(hidden[start:end], weight, bias, dtype)
+            chunk_lse = torch.logsumexp(logits, dim=1)
+            lse[start:end] = chunk_lse
+            loss[start:end] = chunk_lse - logits.gather(1, targets[start:end, None]).squeeze(1)
+            del logits
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(hidden, weight, targets, bias, lse)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        hidden, weight, targets, bias, lse = ctx.saved_tensors
+        need_hidden, need_weight, _, need_bias, _ = ctx.needs_input_grad
+        dtype, chunk_size = lse.dtype, ctx.chunk_size
+        num_tokens, vocab = hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
+        # Summed over all chunks in float32/float64, whatever the parameter dtype.
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None
+        if need_hidden or need_weight or need_bias:
+            grad_loss = grad_loss.to(dtype)
+            for start in range(0, num_tokens, chunk_size):
+                end = min(start + chunk_size, num_tokens)
+                chunk = hidden[start:end]
+                # d loss_i / d logits_i = softmax_i - onehot(target_i), times the incoming grad_i.
+                grad_logits = _chunk_logits(chunk, weight, bias, dtype)
+                grad_logits.sub_(lse[start:end, None]).exp_()
+                rows = torch.arange(end - start, device=grad_logits.device)
+                grad_logits[rows, targets[start:end]] -= 1
+                grad_logits.mul_(grad_loss[start:end, None])
+                if need_bias:
+                    grad_bias += grad_logits.sum(dim=0)
+                # The two matmuls run in the input dtype, as the head's own backward would.
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_hidden:
+                    torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                if need_weight:
+                    if grad_logits.dtype == dtype:
+                        grad_weight.addmm_(grad_logits.t(), chunk)
+                    else:
+                        grad_weight += (grad_logits.t() @ chunk).to(dtype)
+                del grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, None, grad_bias, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Per-token cross-entropy of the LM head, `F.cross_entropy(hidden @ weight.T + bias, targets,
+    reduction="none")`, without ever building the `[N, V]` logits or their gradient.
+
+    hidden [N, H], weight [V, H], targets [N] (class indices, every one a target: select the
+    positions first, there is no ignore_index), bias [V] or None. Returns [N] in float32 for
+    half-precision inputs (the softmax is taken in float32), else in the input dtype.
+
+    Extra memory beyond the inputs is O(N) (one logsumexp per token) plus one chunk of
+    `chunk_size x V` logits at a time, in forward and in backward. Gradients flow to whichever
+    of hidden / weight / bias require them; a frozen head (LoRA) costs no weight-gradient work.
+    Under autocast the inputs are cast as autocast would cast an nn.Linear's.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"chunked_cross_entropy: need hidden [N, H] and weight [V, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    if targets.shape != (num_tokens,) or targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"chunked_cross_entropy: targets must be integer class indices of shape "
+                         f"({num_tokens},), got {targets.dtype} {tuple(targets.shape)}")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"chunked_cross_entropy: bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mirror autocast on the head's nn.Linear: float32/half inputs to the autocast dtype
+        # (float64 is not autocast-eligible). The casts stay outside the Function, in autograd.
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        eligible = (torch.float32, torch.float16, torch.bfloat16)
+        hidden, weight = (t.to(autocast_dtype) if t.dtype in eligible else t for t in (hidden, weight))
+        if bias is not None and bias.dtype in eligible:
+            bias = bias.to(autocast_dtype)
+    if not hidden.is_floating_point() or weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise ValueError(f"chunked_cross_entropy: hidden, weight and bias must share one floating dtype, got "
+                         f"{hidden.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
+    targets = targets.to(device=hidden.device, dtype=torch.long)
+    if num_tokens and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"chunked_cross_entropy: targets must lie in [0, {vocab}); select the target "
+                         "positions (drop ignore_index) before calling")
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedCrossEntropy.apply(hidden, weight, targets, bias, chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and its loss in one forward
+# ---------------------------------------------------------------------------------------------
+
+# Causal LMs whose forward is exactly `logits = self.lm_head(self.model(...).last_hidden_state)`
+# (checked against transformers 5.x). Families that touch the logits after the head (Cohere's
+# logit_scale, Granite's logits_scaling, Gemma 2/3's final softcapping, ...) are not listed and take
+# the plain path. A subclass that overrides `forward` is not trusted either.
+_CHUNKABLE_CAUSAL_LMS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+    "PhiForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM", "SmolLM3ForCausalLM",
+    "Starcoder2ForCausalLM",
+})
+# Config fields that, where a model reads them, change the logits after the head.
+_LOGIT_TRANSFORM_FIELDS = ("logit_scale", "logits_scaling", "final_logit_softcapping", "output_multiplier_scale",
+                           "lm_head_multiplier", "logit_multiplier", "mup_width_scale")
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _chunkable_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | str:
+    """(decoder, lm_head) when the chunked path reproduces `model(...).logits` exactly, else why not."""
+    if _has_hooks(model):
+        return "the model has forward hooks that the chunked path would bypass"
+    base = model
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # a peft model
+        peft_config = getattr(model, "active_peft_config", None)
+        peft_type = str(getattr(getattr(peft_config, "peft_type", None), "value", None))
+        if peft_type != "LORA" or getattr(peft_config, "alora_invocation_tokens", None) is not None:
+            return f"peft adapter type {peft_type} changes the model's forward beyond its layers"
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, torch.nn.Module) and _has_hooks(tuner):
+            return "the peft model has forward hooks that the chunked path would bypass"
+        base = model.get_base_model()
+        if _has_hooks(base):
+            return "the model has forward hooks that the chunked path would bypass"
+    known = next((cls for cls in type(base).__mro__ if cls.__name__ in _CHUNKABLE_CAUSAL_LMS
+                  and cls.__module__.startswith("transformers.models.")), None)
+    if known is None:
+        return f"{type(base).__name__} is not a causal LM with a known plain head"
+    if type(base).forward is not known.forward:
+        return f"{type(base).__name__} overrides the forward of {known.__name__}"
+    config = getattr(base, "config", None)
+    for field in _LOGIT_TRANSFORM_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None and value != 1:
+            return f"config.{field}={value!r} transforms the logits"
+    decoder = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(decoder, torch.nn.Module):
+        return f"{type(base).__name__} has no decoder at .model"
+    if type(head) is not torch.nn.Linear or _has_hooks(head):
+        # e.g. a LoRA-adapted or FSDP-sharded head: its own forward does more than weight @ x.
+        return f"the output embedding is a {type(head).__name__}, not a plain nn.Linear"
+    return decoder, head
+
+
+def _logits_of(output) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    raise ValueError(f"CausalLMLoss: the model returned {type(output).__name__}; expected a logits tensor "
+                     "[batch, time, vocab] or an output with a .logits tensor")
+
+
 class CausalLMLoss(torch.nn.Module):
     """A causal LM and its summed loss in one forward.
 
@@ -81,16 +290,67 @@ class CausalLMLoss(torch.nn.Module):
     loss is computed here rather than on logits handed back to the loop.
     Returns the *summed* loss: token losses (normalize="tokens") or per-sequence means
     (normalize="samples"); the Accumulator divides by the global count.
+
+    With chunked=True (the default) and a plain HF causal LM (Llama, Mistral, Qwen2/3, Phi,
+    Gemma 1, OLMo, SmolLM3, Starcoder2; bare or with peft LoRA on its inner layers), the loss
+    is computed from the decoder's hidden states: only positions with a target are projected,
+    through `chunked_cross_entropy`, so neither the `[B, T, V]` logits nor their gradient ever
+    exist. Every other model takes the plain path on `model(...).logits` -- any module that
+    returns a logits tensor or an output with `.logits` -- with the same result;
+    `uses_chunked_path` and `fallback_reason` say which path was taken and why.
     """
 
-    def __init__(self, model: torch.nn.Module, normalize: str = "tokens", ignore_index: int = -100):
+    def __init__(self, model: torch.nn.Module, normalize: str = "tokens", ignore_index: int = -100,
+                 chunked: bool = True, chunk_size: int = 1024):
         super().__init__()
+        if normalize not in ("tokens", "samples"):
+            raise ValueError(f"normalize must be 'tokens' or 'samples', got {normalize!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.model = model
         self.normalize = normalize
         self.ignore_index = ignore_index
+        self.chunked = chunked
+        self.chunk_size = chunk_size
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why the plain logits path is used (None when the chunked path is)."""
+        if not self.chunked:
+            return "chunked=False"
+        parts = _chunkable_parts(self.model)
+        return parts if isinstance(parts, str) else None
+
+    @property
+    def uses_chunked_path(self) -> bool:
+        return self.fallback_reason is None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # Resolved on every call (a few attribute lookups) rather than cached: the submodules
+        # must not be stored on self, where they would be registered a second time.
+        parts = _chunkable_parts(self.model) if self.chunked else "chunked=False"
+        if isinstance(parts, str):
+            logits = _logits_of(self.model(input_ids=input_ids, attention_mask=attention_mask))
+            if self.normalize == "samples":
+                return sequence_mean_sum(logits, labels, self.ignore_index)
+            return token_loss_sum(logits, labels, self.ignore_index)
+
+        decoder, head = parts
+        # use_cache=False: training never reads a KV cache, and building one only holds memory.
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # Position t predicts label t+1; select the targets *before* the head, so padding and
+        # prompt positions are never projected onto the vocabulary.
+        shifted = labels[:, 1:].to(hidden.device)
+        mask = shifted != self.ignore_index
+        rows, cols = mask.nonzero(as_tuple=True)
+        # The head's parameters are read here, inside this forward, so that DDP and FSDP2
+        # (which wrap this module) see them used and (FSDP2) unsharded.
+        per_token = chunked_cross_entropy(hidden[rows, cols], head.weight, shifted[rows, cols], head.bias,
+                                          self.chunk_size)
         if self.normalize == "samples":
-            return sequence_mean_sum(logits, labels, self.ignore_index)
-        return token_loss_sum(logits, labels, self.ignore_index)
+            # Scatter back to [B, T-1] (each position written once: deterministic on CUDA too,
+            # unlike an atomic index_add) and sum each row.
+            per_position = per_token.new_zeros(mask.shape).index_put((rows, cols), per_token)
+            sums, counts = per_position.sum(dim=1), mask.sum(dim=1)
+            return (sums / counts.clamp(min=1).to(sums.dtype)).sum()
+        return per_token.sum()

@@ -1,0 +1,95 @@
+"""`gradaccum train | audit`: parse, call, print. User errors exit 2 with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+from .config import TrainConfig
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int; `int | str` -> str (validated by the dataclass)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own annotations only
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return str if str in args else args[0]
+    return annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    """One --flag per dataclass field, with the field's doc as help (booleans get --no-flag)."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(f.type)
+        default = f.default if f.default is not MISSING else None
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
+                                help=f"{text} (default: {default})")
+
+
+def _dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradaccum", description="Gradient accumulation that is exactly a big "
+                                     "batch: fine-tune language models on small memory.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser("train", help="fine-tune a model with exact gradient accumulation",
+                                description="Fine-tune a causal LM. With no arguments: the embedded tiny model "
+                                            "on the bundled tasks, on the CPU, in a few minutes.")
+    add_dataclass_arguments(train, TrainConfig)
+    try:
+        from .audit import add_arguments as add_audit_arguments
+    except ImportError:  # the audit module is optional until it lands
+        add_audit_arguments = None
+    if add_audit_arguments is not None:
+        audit = commands.add_parser("audit", help="full batch vs naive vs exact accumulation on your model and data")
+        add_audit_arguments(audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .checkpoint import CheckpointError
+    from .train import TrainingError
+
+    try:
+        if args.command == "train":
+            from .train import train
+
+            result = train(TrainConfig(**_dataclass_kwargs(args, TrainConfig)))
+            if result.interrupted:
+                return 130
+            return 0
+        from .audit import main as audit_main
+
+        return audit_main(args)
+    except (ValueError, TrainingError, CheckpointError, FileNotFoundError) as exc:
+        if os.environ.get("GRADACCUM_DEBUG"):
+            raise
+        print(f"gradaccum {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradaccum {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

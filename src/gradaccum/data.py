@@ -1,0 +1,341 @@
+"""JSONL data -> token ids and label masks -> windows and micro-batches.
+
+Three record formats, detected per line (one file may mix them):
+
+    {"text": "..."}                                  loss on every token
+    {"prompt": "...", "completion": "..."}           loss on the completion and EOS only
+    {"messages": [{"role": "...", "content": "..."}, ...]}   chat template, loss on assistant turns
+
+Labels equal the input ids where the loss applies and -100 elsewhere; the causal shift is left to
+the loss. Every mistake in a file raises `DataError` naming the file, line and field.
+
+The data order is what makes accumulation checkable: `window_indices` fixes which examples form
+optimizer step t from (number of examples, batch size B, seed, epoch) alone, and `split_window` only
+distributes a window over ranks and micro-batches. So any split of B sees the same windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Example",
+    "DataStats",
+    "read_jsonl",
+    "tokenize",
+    "collate",
+    "window_indices",
+    "split_window",
+    "padding_fraction",
+]
+
+IGNORE_INDEX = -100  # the label of a position without loss (PyTorch's cross-entropy default)
+
+
+class DataError(ValueError):
+    """A problem in the user's data file; the message starts with `file:line:` and names the field."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # == input_ids where the loss applies, IGNORE_INDEX elsewhere; not shifted
+
+
+@dataclass
+class DataStats:
+    num_examples: int = 0
+    num_truncated: int = 0  # longer than max_length: the right part was cut off
+    num_empty_targets: int = 0  # no target token left (kept: they add nothing to loss or count)
+    num_empty_completions: int = 0  # prompt/completion records with completion "" (only EOS is learned)
+    num_tokens: int = 0  # input tokens after truncation
+    num_target_tokens: int = 0  # after the causal shift, i.e. what the loss counts
+    max_example_tokens: int = 0  # the longest example before truncation, to help choose max_length
+    num_by_format: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """`(line number, record)` for every non-blank line of a JSONL file; line numbers start at 1.
+
+    Each record is checked to be one of the three formats (extra keys are allowed and ignored).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a JSONL file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+
+    records = []
+    # Split on b"\n" only: str.splitlines would also split on characters that JSON strings may hold.
+    for line_number, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{line_number}"
+        try:
+            # utf-8-sig drops a byte-order mark, which some editors write at the start of a file.
+            text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not valid UTF-8 (byte {error.start + 1})") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from None
+        except (ValueError, RecursionError) as error:  # e.g. an integer with too many digits, deep nesting
+            raise DataError(f"{where}: invalid JSON: {type(error).__name__}: {str(error)[:100]}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
+        _record_format(record, where)
+        records.append((line_number, record))
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty or blank)")
+    return records
+
+
+def _type_name(value: Any) -> str:
+    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _expect_string(value: Any, where: str, name: str) -> None:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}': expected a string, got {_type_name(value)}")
+
+
+def _record_format(record: dict, where: str) -> str:
+    """The record's format, "text", "prompt" or "messages"; a DataError for anything else."""
+    has_text, has_messages = "text" in record, "messages" in record
+    has_prompt = "prompt" in record or "completion" in record
+    if has_text + has_messages + has_prompt > 1:
+        present = [key for key in ("text", "prompt", "completion", "messages") if key in record]
+        # Guessing which one was meant would silently train on the wrong tokens.
+        raise DataError(f"{where}: fields {present} belong to different formats; use one of 'text', "
+                        "'prompt'+'completion' or 'messages'")
+    if has_text:
+        _expect_string(record["text"], where, "text")
+        return "text"
+    if has_prompt:
+        for name in ("prompt", "completion"):
+            if name not in record:
+                raise DataError(f"{where}: field '{name}': missing (a prompt record needs 'prompt' and 'completion')")
+            _expect_string(record[name], where, name)
+        return "prompt"
+    if has_messages:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            got = "an empty list" if isinstance(messages, list) else _type_name(messages)
+            raise DataError(f"{where}: field 'messages': expected a non-empty list of messages, got {got}")
+        for index, message in enumerate(messages):
+            name = f"messages[{index}]"
+            if not isinstance(message, dict):
+                raise DataError(f"{where}: field '{name}': expected an object, got {_type_name(message)}")
+            for key in ("role", "content"):
+                if key not in message:
+                    raise DataError(f"{where}: field '{name}.{key}': missing")
+                _expect_string(message[key], where, f"{name}.{key}")
+        return "messages"
+    keys = ", ".join(repr(key) for key in list(record)[:5]) or "none"
+    raise DataError(f"{where}: field 'text', 'prompt'/'completion' or 'messages': missing (keys: {keys})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def tokenize(records: Iterable[tuple[int, dict] | dict], tokenizer: Any, max_length: int,
+             path: str | os.PathLike = "<data>") -> tuple[list[Example], DataStats]:
+    """Token ids and labels for each record (as returned by `read_jsonl`, or plain dicts).
+
+    - text: [BOS] + text + [EOS], loss on all but BOS.
+    - prompt/completion: [BOS] + prompt + completion + [EOS], loss on completion and EOS. The two are
+      tokenized separately, so the boundary is exact even where a tokenizer would merge across it;
+      this is also how generation sees a prompt (gradaccum.evaluate uses the same [BOS] + prompt).
+    - messages: the tokenizer's chat template; loss on the assistant turns as the template renders them
+      (content and end-of-turn marker), nowhere else.
+
+    BOS / EOS are added when the tokenizer has them. Sequences longer than `max_length` keep their left
+    part. `path` only names the file in error messages.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples, stats = [], DataStats()
+    for position, item in enumerate(records, start=1):
+        line_number, record = item if isinstance(item, tuple) else (position, item)
+        where = f"{path}:{line_number}"
+        kind = _record_format(record, where)
+        if kind == "text":
+            ids = bos + _encode(tokenizer, record["text"]) + eos
+            labels = [IGNORE_INDEX] * len(bos) + ids[len(bos):]
+        elif kind == "prompt":
+            prompt = bos + _encode(tokenizer, record["prompt"])
+            completion = _encode(tokenizer, record["completion"]) + eos
+            ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+            stats.num_empty_completions += record["completion"] == ""
+        else:
+            ids, labels = _encode_chat(tokenizer, record["messages"], where)
+        assert len(ids) == len(labels)
+
+        stats.max_example_tokens = max(stats.max_example_tokens, len(ids))
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            stats.num_truncated += 1
+        # Position 0 is never predicted (nothing precedes it), so it is not a target after the shift.
+        num_targets = sum(label != IGNORE_INDEX for label in labels[1:])
+        stats.num_empty_targets += num_targets == 0
+        stats.num_target_tokens += num_targets
+        stats.num_tokens += len(ids)
+        stats.num_by_format[kind] = stats.num_by_format.get(kind, 0) + 1
+        examples.append(Example(input_ids=ids, labels=labels))
+    stats.num_examples = len(examples)
+    return examples, stats
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # No special tokens: BOS/EOS placement is decided here, not by each tokenizer's own habits.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+_MARKER = "GRADACCUMREPLY7F3A"  # stand-in reply text, to locate where a template puts a reply
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    """Ids and labels of a conversation, labelling exactly the text the template emits for assistant turns.
+
+    The template is rendered up to each assistant message twice: without it but with the generation
+    prompt (where the reply starts) and with it (where the reply ends). The rendered text is then cut
+    at those boundaries and each piece tokenized on its own, so that no token straddles a boundary.
+    This works with any template whose renderings of a prefix are prefixes of the full rendering
+    (templates that rewrite earlier turns, e.g. drop old reasoning, are rejected with a DataError).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: field 'messages': the tokenizer has no chat template; "
+                        "use {prompt, completion} or {text} records with this model")
+
+    def render(conversation: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # templates raise their own errors, e.g. "roles must alternate"
+            raise DataError(f"{where}: field 'messages': the chat template failed: "
+                            f"{type(error).__name__}: {error}") from None
+
+    full = render(messages)
+    pieces: list[tuple[str, bool]] = []  # (text, is_target), in order, covering `full`
+    done = 0  # characters of `full` already in pieces
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if index > 0:
+            start = render(messages[:index], add_generation_prompt=True)
+        else:  # transformers will not render an empty conversation: find where a reply's text begins
+            with_marker = render([{"role": "assistant", "content": _MARKER}])
+            start = with_marker[:with_marker.find(_MARKER)] if _MARKER in with_marker else None
+        end = render(messages[:index + 1])
+        if start is None or not (end.startswith(start) and full.startswith(end) and len(start) >= done):
+            raise DataError(f"{where}: field 'messages[{index}]': cannot locate this assistant turn's tokens: "
+                            "the chat template renders a conversation's start differently once more turns follow")
+        pieces += [(full[done:len(start)], False), (full[len(start):len(end)], True)]
+        done = len(end)
+    pieces.append((full[done:], False))
+
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_target in pieces:
+        piece = _encode(tokenizer, text)
+        ids += piece
+        labels += piece if is_target else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: `input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on padding).
+
+    Right padding keeps each sequence at positions 0..n-1, the same as without padding.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    width = max(len(example.input_ids) for example in examples)
+    shape = (len(examples), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def window_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's global windows: a seeded permutation of range(num_examples) cut into `batch_size` chunks.
+
+    Window t of an epoch is optimizer step t. It depends on (num_examples, batch_size, seed, epoch) only,
+    never on the micro-batch size, accumulation steps or world size, so every split of the same batch
+    size trains on the same windows. The last window is partial when batch_size does not divide
+    num_examples.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_examples < 0 or seed < 0 or epoch < 0:
+        raise ValueError(f"num_examples, seed and epoch must be >= 0, got {num_examples}, {seed}, {epoch}")
+    # A seed sequence of (seed, epoch), not seed + epoch: epoch 1 of seed 0 must differ from epoch 0 of seed 1.
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+    return [order[start:start + batch_size] for start in range(0, num_examples, batch_size)]
+
+
+def split_window(window: Sequence[int], micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                 lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) for one global window.
+
+    With `lengths` (token count per example index) the window is first sorted by length, stably, so
+    that each micro-batch holds similar lengths and needs little padding; the window's content, and
+    hence the exact gradient, is unchanged. The sorted window is dealt round-robin (rank r takes every
+    world_size-th example from position r), so every rank gets a similar mix of lengths and the ranks
+    finish their micro-batches at similar times. Each rank's share is cut into micro-batches of at most
+    `micro_batch_size`.
+
+    Every example of the window lands on exactly one rank. A full window (micro_batch_size x
+    accumulation_steps x world_size examples) gives every rank accumulation_steps full micro-batches.
+    A partial last window gives some ranks fewer or smaller micro-batches, and a rank may get none:
+    then this returns [] and the rank must still join the window's collectives.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    ordered = sorted(window, key=lambda index: lengths[index]) if lengths is not None else list(window)
+    share = ordered[rank::world_size]
+    return [share[start:start + micro_batch_size] for start in range(0, len(share), micro_batch_size)]
+
+
+def padding_fraction(batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Padded positions / all positions over collated batches (0.0 for none), for logging."""
+    num_positions = num_real = 0
+    for batch in batches:
+        mask = batch["attention_mask"]
+        num_positions += mask.numel()
+        num_real += int(mask.sum())
+    return 1.0 - num_real / num_positions if num_positions else 0.0

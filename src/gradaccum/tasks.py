@@ -1,0 +1,166 @@
+"""Synthetic prompt/completion tasks with checkable answers: the bundled default data.
+
+Every prompt ends with the separator `" ="` and every completion starts with a space, so the
+completion is a plain continuation of the prompt. The tasks are chosen so that lengths vary widely
+(prompts ~10 to ~100 characters, completions ~2 to ~60): micro-batches then hold very different
+numbers of target tokens, which is exactly the case where naive gradient accumulation is wrong.
+Some tasks are easy enough (copy, uppercase, small counts) for a ~2M-parameter byte-level model
+to get some answers exactly right after a couple of minutes on a CPU.
+
+    records = generate(100, seed=0)    # [{"prompt": "copy: kiw =", "completion": " kiw", "task": "copy"}, ...]
+    exact_match(" kiw\\ncopy: ...", " kiw")   # True: only the first line of a prediction counts
+
+Plain ASCII and the standard library only, so the data is identical on every platform.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+from typing import Callable
+
+__all__ = [
+    "TASKS",
+    "DEFAULT_TRAIN_SIZE",
+    "DEFAULT_EVAL_SIZE",
+    "TRAIN_SEED",
+    "EVAL_SEED",
+    "generate",
+    "train_eval_split",
+    "exact_match",
+    "default_train_path",
+    "default_eval_path",
+]
+
+DEFAULT_TRAIN_SIZE = 2000
+DEFAULT_EVAL_SIZE = 200
+# The seeds of the bundled files (examples/make_data.py); the eval split is drawn from its own seed.
+TRAIN_SEED = 0
+EVAL_SEED = 1
+
+_ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def _word(rng: random.Random, min_chars: int = 2, max_chars: int = 8) -> str:
+    # Random letters rather than a word list: the space of prompts stays large, so the eval split
+    # can be disjoint from the training split without running out of copy/uppercase examples.
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_chars, max_chars)))
+
+
+def _copy(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f"copy: {word} =", f" {word}"
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f"uppercase: {word} =", f" {word.upper()}"
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    # Mostly small numbers (learnable), sometimes three digits (longer prompts and answers).
+    top = 999 if rng.random() < 0.2 else 99
+    a, b = rng.randint(0, top), rng.randint(0, top)
+    return f"add: {a} + {b} =", f" {a + b}"
+
+
+def _subtract(rng: random.Random) -> tuple[str, str]:
+    top = 999 if rng.random() < 0.2 else 99
+    a, b = rng.randint(0, top), rng.randint(0, top)
+    return f"subtract: {a} - {b} =", f" {a - b}"
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    text = _word(rng, 3, 30)
+    return f"reverse: {text} =", f" {text[::-1]}"
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    alphabet = string.digits if rng.random() < 0.3 else string.ascii_lowercase
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 30)))
+    return f"sort: {text} =", f" {''.join(sorted(text))}"
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    # A small alphabet makes counts spread over 0..~15 instead of being almost always 0 or 1.
+    letter = rng.choice("abcde")
+    text = "".join(rng.choice("abcde") for _ in range(rng.randint(5, 70)))
+    return f"count '{letter}' in: {text} =", f" {text.count(letter)}"
+
+
+def _repeat(rng: random.Random) -> tuple[str, str]:
+    word, times = _word(rng, 2, 6), rng.randint(1, 8)
+    return f"repeat {word} {times} times =", " " + " ".join([word] * times)
+
+
+def _last_word(rng: random.Random) -> tuple[str, str]:
+    words = [_word(rng, 2, 7) for _ in range(rng.randint(2, 14))]
+    return f"last word of: {' '.join(words)} =", f" {words[-1]}"
+
+
+# Name -> generator. The order is part of the data: changing it changes every bundled file.
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "copy": _copy,
+    "uppercase": _uppercase,
+    "add": _add,
+    "subtract": _subtract,
+    "reverse": _reverse,
+    "sort": _sort,
+    "count": _count,
+    "repeat": _repeat,
+    "last_word": _last_word,
+}
+
+
+def generate(num_examples: int, seed: int, exclude_prompts: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """`num_examples` records `{"prompt", "completion", "task"}` with distinct prompts, a function of `seed` only.
+
+    Tasks are drawn uniformly. Prompts in `exclude_prompts` are skipped (used to hold out an eval split).
+    """
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    rng = random.Random(seed)
+    names = list(TASKS)
+    records: list[dict] = []
+    seen = set(exclude_prompts)
+    while len(records) < num_examples:
+        name = rng.choice(names)
+        prompt, completion = TASKS[name](rng)
+        if prompt in seen:  # a repeat would weigh one example twice, or leak into the eval split
+            continue
+        seen.add(prompt)
+        records.append({"prompt": prompt, "completion": completion, "task": name})
+    return records
+
+
+def train_eval_split(train_size: int = DEFAULT_TRAIN_SIZE, eval_size: int = DEFAULT_EVAL_SIZE,
+                     train_seed: int = TRAIN_SEED, eval_seed: int = EVAL_SEED) -> tuple[list[dict], list[dict]]:
+    """The bundled split: a training set and an eval set whose prompts never occur in training."""
+    train = generate(train_size, train_seed)
+    held_out = generate(eval_size, eval_seed, exclude_prompts={record["prompt"] for record in train})
+    return train, held_out
+
+
+def exact_match(prediction: str, completion: str) -> bool:
+    """Whether a generated `prediction` answers like `completion`.
+
+    Completions are one line. Generation may run on past the answer (a newline, another prompt),
+    so only the first non-blank line of the prediction counts, and surrounding whitespace is ignored
+    (completions start with a space). Cut the prediction at EOS before calling this.
+    """
+    return _first_line(prediction) == _first_line(completion)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def default_train_path() -> Path:
+    """The bundled training set (`DEFAULT_TRAIN_SIZE` records), shipped inside the package."""
+    return _ASSETS / "train.jsonl"
+
+
+def default_eval_path() -> Path:
+    """The bundled held-out set (`DEFAULT_EVAL_SIZE` records, prompts disjoint from training)."""
+    return _ASSETS / "eval.jsonl"

@@ -1,0 +1,74 @@
+"""Bad input: one line on stderr naming what is wrong, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gradaccum.cli import main
+
+
+def _good(tmp_path):
+    path = tmp_path / "good.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i} =", "completion": f" c{i}"}) + "\n" for i in range(8)))
+    return path
+
+
+CASES = {
+    "malformed json": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', ["bad.jsonl:2"]),
+    "missing field": ('{"prompt": "a"}\n', ["bad.jsonl:1", "completion"]),
+    "wrong type": ('{"prompt": "a", "completion": 3}\n', ["bad.jsonl:1", "completion"]),
+    "empty file": ("", ["bad.jsonl", "empty"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_data_names_file_line_and_field(tmp_path, capsys, case):
+    text, expected = CASES[case]
+    (tmp_path / "bad.jsonl").write_text(text)
+    code = main(["train", "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "out"),
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--data", "does-not-exist.jsonl"], "does-not-exist.jsonl"),
+    (["--model", "./no/such/model"], "no/such/model"),
+    (["--micro-batch-size", "0"], "micro-batch-size"),
+    (["--micro-batch-size", "3", "--batch-size", "8"], "multiple"),
+    (["--dtype", "float16"], "dtype"),
+    (["--resume"], "no checkpoint"),
+    (["--accumulation-steps", "2", "--batch-size", "8"], "not both"),
+])
+def test_bad_arguments(tmp_path, capsys, args, fragment):
+    argv = ["train", "--data", str(_good(tmp_path)), "--output", str(tmp_path / "out"), "--no-progress",
+            "--max-steps", "1", *args]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_output_folder_of_another_run_is_refused(tmp_path, capsys):
+    base = ["train", "--data", str(_good(tmp_path)), "--output", str(tmp_path / "out"), "--no-progress",
+            "--max-steps", "1", "--eval-every", "0", "--batch-size", "4", "--micro-batch-size", "4"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--lr", "0.5"]) == 2
+    assert "different run" in capsys.readouterr().err
+    assert main(base + ["--lr", "0.5", "--overwrite"]) == 0
+
+
+def test_no_traceback_from_the_console_script(tmp_path):
+    (tmp_path / "bad.jsonl").write_text("{not json}\n")
+    proc = subprocess.run([sys.executable, "-m", "gradaccum", "train", "--data", str(tmp_path / "bad.jsonl"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "bad.jsonl:1" in proc.stderr

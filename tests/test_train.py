@@ -1,0 +1,120 @@
+"""The training loop end to end on the tiny preset: outputs, split invariance, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gradaccum.config import TrainConfig
+from gradaccum.train import train
+
+
+def write_pairs(path, n=24, seed=0):
+    """Prompt/completion pairs whose completions range from 1 to ~30 characters."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 30)))
+            f.write(json.dumps({"prompt": f"copy {'x' * rng.randint(0, 20)} {word} =", "completion": f" {word}"})
+                    + "\n")
+    return path
+
+
+def run(tmp_path, name, **overrides):
+    kwargs = dict(data=str(tmp_path / "data.jsonl"), max_steps=3, batch_size=8, micro_batch_size=8,
+                  dtype="float64", lr=1e-2, output=str(tmp_path / name), progress=False, save_every=0,
+                  eval_every=0)
+    kwargs.update(overrides)
+    if "accumulation_steps" in overrides:
+        kwargs.pop("batch_size")
+    return train(TrainConfig(**kwargs))
+
+
+def final_weights(result):
+    return load_file(str(result.output / "final" / "model.safetensors"))
+
+
+def max_relative_difference(a, b):
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)) for k in b)
+
+
+def test_default_outputs(tmp_path):
+    write_pairs(tmp_path / "data.jsonl")
+    result = run(tmp_path, "run", dtype="float32", eval_data=str(tmp_path / "data.jsonl"), eval_every=3,
+                 save_every=2, max_steps=4)
+    out = result.output
+    assert (out / "loss.png").stat().st_size > 5000
+    assert (out / "checkpoint-2" / "manifest.json").exists()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    for key in ("step", "loss", "num_targets", "grad_norm", "lr", "tokens_per_second", "peak_memory_bytes"):
+        assert lines[0][key] is not None, key
+    assert lines[2]["eval_loss"] > 0 and 0 <= lines[2]["eval_accuracy"] <= 1
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model(**tokenizer("copy ab =", return_tensors="pt")).logits.shape[-1] >= len(tokenizer) - 8
+
+
+@pytest.mark.parametrize("accumulation", ["exact", "naive"])
+def test_every_split_of_the_batch_trains_the_same_weights(tmp_path, accumulation):
+    """8x1, 2x4 and 1x8 see the same windows; exact ends with the same weights, naive does not."""
+    write_pairs(tmp_path / "data.jsonl")
+    full = final_weights(run(tmp_path, "8x1"))
+    errors = {}
+    for micro, k in [(2, 4), (1, 8)]:
+        weights = final_weights(run(tmp_path, f"{micro}x{k}-{accumulation}", micro_batch_size=micro,
+                                    accumulation_steps=k, accumulation=accumulation))
+        errors[micro] = max_relative_difference(weights, full)
+    if accumulation == "exact":
+        assert max(errors.values()) <= 1e-9, errors
+    else:
+        assert min(errors.values()) > 1e-4, errors
+
+
+class StopAfter:
+    """Stands in for SIGINT arriving during step `n`: the loop sees the flag after that step."""
+
+    def __init__(self, n):
+        self.n, self.checks = n, 0
+
+    def __call__(self):
+        outer = self
+
+        class Stop:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            @property
+            def signal(self):
+                outer.checks += 1
+                return 2 if outer.checks == outer.n else None
+
+        return Stop()
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    import gradaccum.train as train_module
+
+    write_pairs(tmp_path / "data.jsonl")
+    config = dict(dtype="float32", max_steps=6, micro_batch_size=2, save_every=3)
+    straight = final_weights(run(tmp_path, "straight", **config))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "StopRequest", StopAfter(4))
+        first = run(tmp_path, "resumed", **config)
+    assert first.interrupted and first.steps == 4
+    assert (first.output / "checkpoint-4").is_dir() and not (first.output / "final").exists()
+    second = run(tmp_path, "resumed", resume=True, **config)
+    assert not second.interrupted and second.steps == 6
+    lines = [json.loads(line) for line in (second.output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    resumed = final_weights(second)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
