@@ -133,31 +133,38 @@ class Accumulator:
         """One window per list of micro-batches, for loops that form windows themselves.
 
         Under data parallelism every rank runs the same number of windows: a rank whose
-        data ran out while others still have some gets one fully-masked micro-batch, so
-        its backward still joins the gradient all-reduce and adds exactly zero.
+        data ran out while others still have some gets a fully-masked micro-batch, so its
+        backward still joins the gradient all-reduce and adds exactly zero. Under FSDP2,
+        whose forward gathers weights collectively, every rank is padded with such
+        micro-batches to the same number of micro-batches.
         """
         iterator = iter(groups)
         self.optimizer.zero_grad(set_to_none=True)
         template, sync = None, self._syncs_over_ranks()
+        num_ranks = dist_utils.world_size(self.process_group) if sync else 1
+        my_rank = dist_utils.rank(self.process_group) if sync else 0
+        same_length = sync and bool(dist_utils.fsdp_roots(self.model))
         for index in itertools.count():
             micro_batches = list(next(iterator, []))
             if len(micro_batches) > self.accumulation_steps:
                 raise ValueError(f"a window of {len(micro_batches)} micro-batches exceeds "
                                  f"accumulation_steps={self.accumulation_steps}")
             counts = [self.count(batch) for batch in micro_batches]
-            # One collective per window: [targets, micro-batches] summed over ranks.
-            totals = torch.tensor([sum(counts), len(micro_batches)], dtype=torch.float64,
-                                  device=self._collective_device())
+            # One collective per window: [targets, micro-batches of rank 0, ..., of rank W-1].
+            totals = torch.zeros(1 + num_ranks, dtype=torch.float64, device=self._collective_device())
+            totals[0], totals[1 + my_rank] = sum(counts), len(micro_batches)
             if sync:
                 dist_utils.all_reduce_sum(totals, self.process_group)
-            num_targets, num_micro_batches_global = int(totals[0]), int(totals[1])
-            if num_micro_batches_global == 0:
+            num_targets, per_rank = int(totals[0]), totals[1:].long().tolist()
+            if sum(per_rank) == 0:
                 return
-            if micro_batches:
-                template = micro_batches[-1]
-            else:
-                micro_batches, counts = [self._masked_copy(template)], [0]
-            window = Window(self, index, micro_batches, counts, num_targets)
+            template = micro_batches[-1] if micro_batches else template
+            num_real = len(micro_batches)
+            needed = max(per_rank) if same_length else max(1, len(micro_batches))
+            while len(micro_batches) < needed:
+                micro_batches.append(self._masked_copy(template))
+                counts.append(0)
+            window = Window(self, index, micro_batches, counts, num_targets, num_real)
             yield window
             if not window.stepped:
                 raise RuntimeError("call window.step() before moving on to the next window")
@@ -181,7 +188,8 @@ class Accumulator:
 class Window:
     """One optimizer step's micro-batches. Iterate it, backpropagate `loss()`, then `step()`."""
 
-    def __init__(self, acc: Accumulator, index: int, batches: list, counts: list[int], num_targets: int):
+    def __init__(self, acc: Accumulator, index: int, batches: list, counts: list[int], num_targets: int,
+                 num_real: int | None = None):
         self.acc = acc
         self.index = index  # 0-based window number within this `windows()` loop
         self.batches = batches  # this rank's micro-batches
@@ -189,6 +197,7 @@ class Window:
         self.micro_step: int | None = None  # index of the micro-batch being run
         self.stepped = False
         self._counts = counts  # n_k of this rank's micro-batches
+        self._num_real = len(batches) if num_real is None else num_real  # without masked padding
         self._factor = dist_utils.gradient_average_factor(acc.model, acc.process_group)
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=acc._collective_device())
 
@@ -235,7 +244,7 @@ class Window:
                 num_micro_targets = self._counts[self.micro_step]
             if num_micro_targets == 0:
                 return summed_loss * 0.0
-            return summed_loss / (num_micro_targets * len(self.batches))
+            return summed_loss / (num_micro_targets * max(1, self._num_real))
         if self.num_targets == 0:
             return summed_loss * 0.0  # keeps the graph (DDP needs the backward) without 0/0
         return summed_loss * (self._factor / self.num_targets)

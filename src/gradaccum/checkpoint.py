@@ -99,7 +99,7 @@ def save(
         if model_state is None:
             save_model(model, str(tmp / "model.safetensors"))
         else:
-            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+            save_file(_drop_shared(model_state), str(tmp / "model.safetensors"))
         torch.save(training_state, tmp / "optimizer.pt")
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -120,6 +120,17 @@ def save(
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per storage (tied embeddings): safetensors refuses shared tensors."""
+    seen, kept = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor.contiguous()
+    return kept
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Checkpoint]:
@@ -159,6 +170,11 @@ def find_latest(output_dir: str | Path, warn=print) -> Checkpoint | None:
         except CheckpointError as exc:
             warn(f"skipping damaged checkpoint: {exc}")
     return None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint, by name (tied weights appear once)."""
+    return load_file(str(Path(path) / "model.safetensors"))
 
 
 def load(path: str | Path, model: torch.nn.Module | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

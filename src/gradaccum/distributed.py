@@ -139,3 +139,36 @@ def barrier() -> None:
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def any_rank(flag: int | None) -> int | None:
+    """The first non-None value of `flag` over ranks (e.g. a signal number), so all ranks agree.
+
+    One scalar all-reduce per call when distributed: the loop calls it once per window so
+    that every rank stops after the same window.
+    """
+    if not is_distributed() or world_size() == 1:
+        return flag
+    value = torch.tensor([flag or 0], dtype=torch.int64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value) or None
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Full (unsharded) model and optimizer state of an FSDP2 model, on the CPU. Collective."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state, optimizer_state) -> None:
+    """Shard full state dicts (as saved by `full_state_dicts`) back into an FSDP2 model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)  # tied weights are stored once
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state, options=options)

@@ -319,11 +319,13 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge_lora: bool = True) -> str:
+def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge_lora: bool = True,
+               state_dict: dict | None = None) -> str:
     """Save model and tokenizer with `save_pretrained` (safetensors) into `out_dir`; say what was saved.
 
     A peft model is saved either merged into a full model (loads with `AutoModelForCausalLM`, needs
-    nothing else) or as the adapter only (small, but needs the base model to load).
+    nothing else) or as the adapter only (small, but needs the base model to load). `state_dict`
+    replaces the model's own tensors (the full weights gathered from FSDP2 shards).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +339,7 @@ def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge
         model.save_pretrained(out_dir)
         what = "LoRA adapter only"
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state_dict)
         what = "full model"
     tokenizer.save_pretrained(out_dir)
     return what

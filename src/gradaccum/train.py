@@ -145,6 +145,11 @@ def train(config: TrainConfig) -> TrainResult:
     distributed.init_from_env()
     rank, world_size, is_main = distributed.rank(), distributed.world_size(), distributed.is_main_process()
     device = resolve_device(config.device)
+    fsdp = config.fsdp and world_size > 1
+    if config.fsdp and not fsdp:
+        log("--fsdp: a single process has nothing to shard; training without it")
+    if fsdp and config.lora:
+        raise ValueError("--fsdp with --lora is not supported yet; use DDP (the default) for LoRA")
     output = prepare_output(config, is_main)
 
     # ---- model -------------------------------------------------------------------
@@ -193,7 +198,7 @@ def train(config: TrainConfig) -> TrainResult:
         f"{accumulation_steps} x world {world_size}; {total_steps} steps, {windows_per_epoch} per epoch; "
         f"accumulation={config.accumulation}, lr={lr:g}, dtype={config.dtype}, device={device}")
 
-    train_module = distributed.wrap(loss_module, config.fsdp, device)
+    train_module = distributed.wrap(loss_module, fsdp, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
@@ -211,8 +216,15 @@ def train(config: TrainConfig) -> TrainResult:
         latest = checkpoint.find_latest(output, warn=log)
         if latest is None:
             raise ValueError(f"--resume: no complete checkpoint in {output}/ (all were damaged)")
-        training_state, state = checkpoint.load(latest.path, model)
-        optimizer.load_state_dict(training_state["optimizer"])
+        training_state, state = checkpoint.load(latest.path, None if fsdp else model)
+        if state.get("fsdp", False) != fsdp:
+            raise ValueError(f"--resume: {latest.path} was written {'with' if state.get('fsdp') else 'without'} "
+                             "--fsdp under torchrun; resume it the same way")
+        if fsdp:  # full state dicts, sharded back over the ranks
+            distributed.load_full_state_dicts(model, optimizer, checkpoint.load_weights(latest.path),
+                                              training_state["optimizer"])
+        else:
+            optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
         acc.load_state_dict(training_state["accumulator"])
         start_step = state["step"]
@@ -223,13 +235,18 @@ def train(config: TrainConfig) -> TrainResult:
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
     def save_checkpoint(step: int) -> None:
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        # FSDP2: gather full tensors (a collective on every rank); otherwise rank 0 holds them all.
+        model_state, optimizer_state = distributed.full_state_dicts(model, optimizer) if fsdp \
+            else (None, optimizer.state_dict())
+        training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                           "accumulator": acc.state_dict()}
         state = {"step": step, "epoch": step // windows_per_epoch, "window_in_epoch": step % windows_per_epoch,
-                 "batch_size": batch_size, "seed": config.seed, "config": config.to_dict()}
+                 "batch_size": batch_size, "seed": config.seed, "fsdp": fsdp, "world_size": world_size,
+                 "config": config.to_dict()}
         if is_main:
             try:
-                checkpoint.save(output, step, model, training_state, state, keep=config.keep_checkpoints)
+                checkpoint.save(output, step, model, training_state, state, keep=config.keep_checkpoints,
+                                model_state=model_state)
             except OSError as exc:
                 previous = checkpoint.find_latest(output, warn=lambda _: None)
                 raise TrainingError(f"could not write {output}/checkpoint-{step}: {exc.strerror or exc}; "
@@ -282,9 +299,13 @@ def train(config: TrainConfig) -> TrainResult:
                 eval_model = distributed.unwrap(train_module).model
                 record["eval_loss"] = eval_loss(loss_module, eval_examples, tokenizer.pad_token_id, device,
                                                 count=count, autocast=autocast)
+                if fsdp:  # generate() bypasses the root's forward, which would gather its weights
+                    train_module.unshard()
                 with autocast():
                     record["eval_accuracy"] = exact_match(eval_model, tokenizer,
                                                           eval_records[:config.eval_examples], device)
+                if fsdp:
+                    train_module.reshard()
             metrics.append(record)
             if is_main:
                 with open(metrics_path, "a") as f:
@@ -294,7 +315,7 @@ def train(config: TrainConfig) -> TrainResult:
                                if record.get("eval_accuracy") is not None else {}))
             bar.update(1)
 
-            stopped_by = stop.signal
+            stopped_by = distributed.any_rank(stop.signal)  # every rank stops after the same window
             if stopped_by is not None:
                 save_checkpoint(step)
                 break
@@ -308,8 +329,10 @@ def train(config: TrainConfig) -> TrainResult:
         log(f"{name}: stopped after step {step}/{total_steps}; checkpoint saved in {output}/checkpoint-{step}. "
             f"Resume with: gradaccum train --output {output} --resume (and the same arguments)")
     else:
+        full_state = distributed.full_state_dicts(model, optimizer)[0] if fsdp else None
         if is_main:
-            note = save_final(model, tokenizer, output / "final", merge_lora=config.merge_lora)
+            note = save_final(model, tokenizer, output / "final", merge_lora=config.merge_lora,
+                              state_dict=full_state)
             log(f"final model: {output}/final ({note})")
         distributed.barrier()
     if is_main and metrics:
@@ -324,4 +347,5 @@ def train(config: TrainConfig) -> TrainResult:
         if last.get("eval_accuracy") is not None:
             summary += f", eval loss {last['eval_loss']:.4f}, exact match {last['eval_accuracy']:.1%}"
         log(f"done: {step} steps in {wall:.0f} s; {summary}; output: {output}")
+    distributed.shutdown()
     return TrainResult(output, step, interrupted, metrics, wall)
