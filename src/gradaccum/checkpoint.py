@@ -146,6 +146,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
+def remove_partial(output_dir: str | Path) -> list[Path]:
+    """Delete temporary folders of saves that never finished (the process died mid-save)."""
+    removed = []
+    for tmp in Path(output_dir).glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
 def verify(path: str | Path) -> None:
     """Raise CheckpointError unless every file in the manifest is present and intact."""
     path = Path(path)

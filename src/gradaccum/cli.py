@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             result = train(TrainConfig(**_dataclass_kwargs(args, TrainConfig)))
-            if result.interrupted:
-                return 130
-            return 0
+            return 128 + result.stopped_by if result.interrupted else 0  # the shell's convention
         from .audit import main as audit_main
 
         return audit_main(args)

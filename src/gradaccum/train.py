@@ -44,6 +44,7 @@ class TrainResult:
     output: Path
     steps: int  # windows trained (the data position)
     interrupted: bool
+    stopped_by: int | None  # the signal that stopped the run early, if any
     metrics: list[dict[str, Any]]
     wall_seconds: float
 
@@ -134,6 +135,17 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl up to its first unreadable line (a kill can cut the last line short)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 def log(message: str) -> None:
     if distributed.is_main_process():
         print(message, flush=True)
@@ -213,6 +225,7 @@ def train(config: TrainConfig) -> TrainResult:
     start_step, metrics = 0, []
     metrics_path = output / "metrics.jsonl"
     if config.resume:
+        checkpoint.remove_partial(output)  # what a kill during a save left behind
         latest = checkpoint.find_latest(output, warn=log)
         if latest is None:
             raise ValueError(f"--resume: no complete checkpoint in {output}/ (all were damaged)")
@@ -230,7 +243,7 @@ def train(config: TrainConfig) -> TrainResult:
         start_step = state["step"]
         log(f"resumed from {latest.path} at step {start_step}")
         if metrics_path.exists():  # drop steps logged after the checkpoint: they are redone
-            metrics = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= start_step]
+            metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start_step]
     if is_main:
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
@@ -289,12 +302,6 @@ def train(config: TrainConfig) -> TrainResult:
                       "padding_fraction": padding_fraction(window.batches), "skipped": stats.skipped,
                       "skip_reason": stats.skip_reason, "seconds": seconds}
 
-            num_nonfinite_in_row = num_nonfinite_in_row + 1 if stats.skip_reason == "nonfinite" else 0
-            if num_nonfinite_in_row >= config.max_nonfinite:
-                raise TrainingError(f"loss or gradient was not finite for {num_nonfinite_in_row} windows in a "
-                                    f"row (last at step {step}); no NaN reached the weights. Lower --lr or "
-                                    "check the data")
-
             if eval_examples and eval_every and (step % eval_every == 0 or step == total_steps):
                 eval_model = distributed.unwrap(train_module).model
                 record["eval_loss"] = eval_loss(loss_module, eval_examples, tokenizer.pad_token_id, device,
@@ -314,6 +321,12 @@ def train(config: TrainConfig) -> TrainResult:
                             **({"eval_acc": f"{record['eval_accuracy']:.2f}"}
                                if record.get("eval_accuracy") is not None else {}))
             bar.update(1)
+
+            num_nonfinite_in_row = num_nonfinite_in_row + 1 if stats.skip_reason == "nonfinite" else 0
+            if num_nonfinite_in_row >= config.max_nonfinite:
+                raise TrainingError(f"loss or gradient was not finite for {num_nonfinite_in_row} windows in a "
+                                    f"row (last at step {step}); no NaN reached the weights. Lower --lr or "
+                                    "check the data")
 
             stopped_by = distributed.any_rank(stop.signal)  # every rank stops after the same window
             if stopped_by is not None:
@@ -348,4 +361,4 @@ def train(config: TrainConfig) -> TrainResult:
             summary += f", eval loss {last['eval_loss']:.4f}, exact match {last['eval_accuracy']:.1%}"
         log(f"done: {step} steps in {wall:.0f} s; {summary}; output: {output}")
     distributed.shutdown()
-    return TrainResult(output, step, interrupted, metrics, wall)
+    return TrainResult(output, step, interrupted, stopped_by, metrics, wall)
