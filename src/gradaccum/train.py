@@ -204,7 +204,7 @@ def train(config: TrainConfig) -> TrainResult:
         total_steps = 300 if config.model == "tiny" else windows_per_epoch
     lr = config.lr or (3e-3 if config.model == "tiny" else 2e-4 if config.lora else 5e-5)
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 20)
-    eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 10)
+    eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 5)
     save_every = config.save_every if config.save_every is not None else max(1, total_steps // 4)
     log(f"batch: {batch_size} sequences per step = micro-batch {micro_batch_size} x accumulation "
         f"{accumulation_steps} x world {world_size}; {total_steps} steps, {windows_per_epoch} per epoch; "
