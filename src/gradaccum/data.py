@@ -17,10 +17,11 @@ distributes a window over ranks and micro-batches. So any split of B sees the sa
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -304,6 +305,18 @@ def window_indices(num_examples: int, batch_size: int, seed: int, epoch: int) ->
     # A seed sequence of (seed, epoch), not seed + epoch: epoch 1 of seed 0 must differ from epoch 0 of seed 1.
     order = np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
     return [order[start:start + batch_size] for start in range(0, num_examples, batch_size)]
+
+
+def global_windows(num_examples: int, batch_size: int, seed: int, start_step: int,
+                   stop_step: int) -> Iterator[list[int]]:
+    """Global window t for start_step <= t < stop_step, epoch after epoch: optimizer step t trains on it."""
+    per_epoch = math.ceil(num_examples / batch_size)
+    cached_epoch, windows = None, []
+    for step in range(start_step, stop_step):
+        epoch, position = divmod(step, per_epoch)
+        if epoch != cached_epoch:
+            cached_epoch, windows = epoch, window_indices(num_examples, batch_size, seed, epoch)
+        yield windows[position]
 
 
 def split_window(window: Sequence[int], micro_batch_size: int, rank: int = 0, world_size: int = 1,

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint, distributed
 from .accumulate import Accumulator
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .data import collate, padding_fraction, read_jsonl, split_window, tokenize, window_indices
+from .data import collate, global_windows, padding_fraction, read_jsonl, split_window, tokenize
 from .evaluate import eval_loss, exact_match
 from .losses import CausalLMLoss, count_target_sequences, count_targets
 from .memory import peak_memory_bytes
@@ -73,6 +73,11 @@ def resolve_batch(config: TrainConfig, world_size: int, micro_batch_size: int) -
         return config.batch_size // per_step, config.batch_size
     accumulation_steps = config.accumulation_steps or 4
     return accumulation_steps, per_step * accumulation_steps
+
+
+def default_lr(config) -> float:
+    """--lr, or a default that suits the kind of run: from scratch, LoRA, or full fine-tune."""
+    return config.lr or (3e-3 if config.model == "tiny" else 2e-4 if config.lora else 5e-5)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -202,7 +207,7 @@ def train(config: TrainConfig) -> TrainResult:
         total_steps = math.ceil(config.epochs * windows_per_epoch)
     else:
         total_steps = 300 if config.model == "tiny" else windows_per_epoch
-    lr = config.lr or (3e-3 if config.model == "tiny" else 2e-4 if config.lora else 5e-5)
+    lr = default_lr(config)
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 20)
     eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 5)
     save_every = config.save_every if config.save_every is not None else max(1, total_steps // 4)
@@ -269,12 +274,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # ---- the data order: global window t -> this rank's micro-batches ---------------
     def window_batches():
-        epoch_cache: dict[int, list[list[int]]] = {}
-        for step in range(start_step, total_steps):
-            epoch, position = divmod(step, windows_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: window_indices(len(examples), batch_size, config.seed, epoch)}
-            window = epoch_cache[epoch][position]
+        for window in global_windows(len(examples), batch_size, config.seed, start_step, total_steps):
             micro = split_window(window, micro_batch_size, rank, world_size, lengths)
             yield [collate([examples[i] for i in indices], tokenizer.pad_token_id) for indices in micro]
 

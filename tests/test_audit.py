@@ -1,0 +1,177 @@
+"""`gradaccum audit`: report and figure, the gate both ways, and the transformers.Trainer check.
+
+A 2-layer, hidden-32 Llama with the tiny preset's byte tokenizer, saved as a local model folder,
+trains on prompt/completion pairs whose completions hold 2 to 41 target tokens: variable length,
+the case where naive accumulation departs from the full batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import gradaccum.audit as audit
+from gradaccum.accumulate import Accumulator
+from gradaccum.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from more threads, and on shared cores extra threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from gradaccum.models import build_tokenizer, tiny_config
+
+    root = tmp_path_factory.mktemp("audit")
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:
+        for _ in range(32):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 40)))
+            f.write(json.dumps({"prompt": f"copy {'x' * rng.randint(0, 20)} {word} =", "completion": f" {word}"})
+                    + "\n")
+    with open(root / "equal.jsonl", "w") as f:  # every completion the same length: naive == exact
+        for _ in range(16):
+            word = "".join(rng.choice("abcdefgh") for _ in range(6))
+            f.write(json.dumps({"prompt": f"copy {'x' * rng.randint(0, 20)} {word} =", "completion": f" {word}"})
+                    + "\n")
+    return root
+
+
+def argv(setup, out, *extra):
+    return ["audit", "--model", str(setup / "model"), "--data", str(setup / "data.jsonl"), "--batch-size", "8",
+            "--micro-batch-sizes", "1,4", "--steps", "3", "--lr", "1e-2", "--output", str(out), "--no-progress",
+            *extra]
+
+
+def test_report_figure_and_gate_pass(setup, tmp_path):
+    out = tmp_path / "audit"
+    assert main(argv(setup, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.md").read_text()
+    png = (out / "audit.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 40_000  # two panels of curves, not an empty canvas
+
+    # The gate: exact equals the full batch to float64 rounding, at every micro-batch size.
+    assert report["passed"] and report["exit_code"] == 0 and report["tolerance"] == 1e-9
+    by_size = {mb["micro_batch_size"]: mb for mb in report["micro_batches"]}
+    assert sorted(by_size) == [1, 4]
+    for mb in by_size.values():
+        exact, naive = mb["exact"], mb["naive"]
+        assert exact["gradient_error"] <= 1e-12 and exact["gradient_cosine"] == pytest.approx(1, abs=1e-12)
+        assert exact["weight_distance"] <= 1e-12 and exact["max_loss_difference"] <= 1e-12
+        assert not exact["departs"]
+        # ... and naive is flagged, on the same runs: far beyond rounding, everywhere.
+        assert naive["departs"] and naive["gradient_error"] > 1e-2 and naive["weight_distance_vs_update"] > 1e-2
+        assert naive["max_loss_difference"] > 1e-4
+        assert len(exact["losses"]) == len(naive["losses"]) == 3
+    assert report["naive_departs"] and report["max_naive_gradient_error"] > 1e-2
+    assert report["full_losses"] == pytest.approx(by_size[1]["exact"]["losses"], abs=1e-12)
+    assert report["first_window_consistency"] <= 1e-12  # the gradient check saw the runs' weights and window
+
+    # The cause: target tokens per micro-batch, counted the way the loss counts them.
+    spread = by_size[1]["targets_first_window"]
+    counts = by_size[1]["targets_per_micro_batch_first_window"]
+    assert len(counts) == 8 and (spread["min"], spread["max"]) == (min(counts), max(counts))
+    assert spread["min"] < spread["max"] and spread["cv"] > 0.1
+    assert spread["naive_weight_min"] < 1 < spread["naive_weight_max"]
+    assert len(by_size[4]["targets_per_micro_batch_first_window"]) == 2
+
+    verdict = report["verdict"]
+    assert verdict.startswith("Exact accumulation matches the full batch") and "naive accumulation departs" in verdict
+    assert f"{spread['min']} to {spread['max']} target tokens" in verdict
+    assert "worse" not in text  # departs, never "trains worse" on the audit's word alone
+    for heading in ("First-step gradient", "Final weights", "Loss per step", "The cause", "Why"):
+        assert f"## {heading}" in text, heading
+    assert verdict in text and "audit.png" in text
+    for name in ("full", "exact-m1", "naive-m1", "exact-m4", "naive-m4"):
+        assert (out / "runs" / name / "final" / "model.safetensors").exists(), name
+
+
+def test_gate_fails_when_exact_accumulation_departs(setup, tmp_path, monkeypatch, capsys):
+    """Break the Accumulator into the per-micro-batch mean: the audit must exit 1 and say so."""
+    original = Accumulator.__init__
+
+    def broken(self, *args, **kwargs):
+        kwargs["accumulation"] = "naive"
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accumulator, "__init__", broken)
+    out = tmp_path / "broken"
+    assert main(argv(setup, out, "--steps", "1")) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert not report["passed"] and report["exit_code"] == 1
+    assert report["max_exact_gradient_error"] > 1e-2
+    assert report["verdict"].startswith("Exact accumulation DEPARTS")
+    assert "gate failed" in (out / "report.md").read_text()
+
+
+def test_equal_target_counts_naive_agrees(setup, tmp_path):
+    """With the same number of targets in every micro-batch, naive is the big batch: not flagged."""
+    result = audit.run(model=str(setup / "model"), data=str(setup / "equal.jsonl"), batch_size=8,
+                       micro_batch_sizes=[2], steps=1, output=str(tmp_path / "equal"), progress=False)
+    assert result.passed and not result.naive_departs
+    assert result.micro_batches[0].targets_first_window.cv == 0
+    assert result.max_naive_gradient_error <= 1e-12
+    assert "naive accumulation agrees here too" in result.verdict
+
+
+def test_hf_trainer_comparison(setup, tmp_path):
+    """transformers.Trainer: aligned as the model is; the 2024 bug without num_items_in_batch."""
+    result = audit.run(model=str(setup / "model"), data=str(setup / "data.jsonl"), batch_size=8,
+                       micro_batch_sizes=[2], steps=2, lr=1e-2, against="hf-trainer",
+                       output=str(tmp_path / "hf"), progress=False)
+    hf = result.hf_trainer
+    assert hf is not None and hf.accumulation_steps == 4 and hf.steps == 2 and hf.aligned and result.passed
+    cases = {case.name: case for case in hf.cases}
+    assert set(cases) == {"as-is", "no-loss-kwargs", "drops-num-items"}
+    as_is, no_kwargs, drops = cases["as-is"], cases["no-loss-kwargs"], cases["drops-num-items"]
+    assert as_is.model_accepts_loss_kwargs and not as_is.departs and as_is.gradient_error <= hf.tolerance
+    assert as_is.weight_distance_vs_update <= 1e-6
+    assert not no_kwargs.model_accepts_loss_kwargs and no_kwargs.departs
+    # Without the count Trainer runs exactly gradaccum's naive accumulation: the same gradient error.
+    assert no_kwargs.gradient_error == pytest.approx(result.micro_batches[0].naive.gradient_error, rel=1e-6)
+    assert no_kwargs.weight_distance_vs_update > 1e-2
+    # A forward that drops the count: micro-batch means summed, k times the naive gradient.
+    assert drops.model_accepts_loss_kwargs and drops.departs and drops.gradient_error > 1
+    assert drops.gradient_cosine == pytest.approx(no_kwargs.gradient_cosine, abs=1e-9)
+    report = json.loads((tmp_path / "hf" / "report.json").read_text())
+    assert report["hf_trainer"]["cases"][1]["name"] == "no-loss-kwargs"
+    assert "## transformers.Trainer" in (tmp_path / "hf" / "report.md").read_text()
+    assert "aligned with GA=1" in result.verdict
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--micro-batch-sizes", "3"], "does not divide"),
+    (["--micro-batch-sizes", "8"], "below --batch-size"),
+    (["--micro-batch-sizes", "1,x"], "not an integer"),
+    (["--dtype", "bfloat16"], "dtype"),
+    (["--against", "deepspeed"], "against"),
+    (["--batch-size", "64"], "exceeds the 32 examples"),
+])
+def test_bad_arguments_exit_2_with_one_line(setup, tmp_path, capsys, extra, fragment):
+    assert main(argv(setup, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_batch_size_is_required(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "--steps", "1"])
+    assert exc.value.code == 2 and "--batch-size" in capsys.readouterr().err
