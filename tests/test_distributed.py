@@ -32,6 +32,7 @@ def _windows():
 
 def _worker(rank, port, wrapper, accumulation, micro_batch_size, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks share the cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
