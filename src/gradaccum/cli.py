@@ -36,7 +36,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: se
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
-                                help=f"{text} (default: {default})")
+                                help=text if default is None else f"{text} (default: {default})")
 
 
 def _dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -284,7 +285,9 @@ def train(config: TrainConfig) -> TrainResult:
     bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and config.progress),
                unit="step", dynamic_ncols=True)
     step, num_nonfinite_in_row, stopped_by = start_step, 0, None
-    with StopRequest() as stop:
+    with StopRequest() as stop, warnings.catch_warnings():
+        # The Accumulator warns about skipped windows; here they get one log line each instead.
+        warnings.filterwarnings("ignore", message=r"window \d+")
         for window in acc.grouped_windows(window_batches()):
             t0 = time.perf_counter()
             for batch in window:
@@ -321,6 +324,8 @@ def train(config: TrainConfig) -> TrainResult:
                             **({"eval_acc": f"{record['eval_accuracy']:.2f}"}
                                if record.get("eval_accuracy") is not None else {}))
             bar.update(1)
+            if stats.skipped and is_main:
+                bar.write(f"step {step}: optimizer step skipped ({stats.skip_reason})")
 
             num_nonfinite_in_row = num_nonfinite_in_row + 1 if stats.skip_reason == "nonfinite" else 0
             if num_nonfinite_in_row >= config.max_nonfinite:
