@@ -67,6 +67,9 @@ def _worker(rank, port, wrapper, accumulation, micro_batch_size, out_dir):
         dist.barrier()  # no rank tears gloo down while a peer is still talking to it
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads can abort in C++ static destructors at exit
+    # ("terminate called without an active exception") after all the work is done and saved.
+    os._exit(0)
 
 
 def _run(tmp_path, wrapper, accumulation="exact", micro_batch_size=2):
