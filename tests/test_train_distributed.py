@@ -81,13 +81,15 @@ def test_uneven_last_window_finishes(tmp_path):
     assert max_rel(weights(out), weights(single)) <= 1e-9
 
 
-def test_resume_under_two_ranks(reference):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_resume_under_two_ranks(reference, wrapper):
     tmp, ref_weights, _ = reference
-    out = tmp / "resume"
+    out = tmp / f"resume-{wrapper}"
+    args = ["--micro-batch-size", "2", "--save-every", "2"] + (["--fsdp"] if wrapper == "fsdp2" else [])
     # First leg: 2 ranks train and checkpoint at step 2; a damaged checkpoint-3 is left behind.
-    first = launch(tmp, "resume", "--micro-batch-size", "2", "--save-every", "2")
+    first = launch(tmp, out.name, *args)
     (first / "final").rename(first / "final-first")
     (first / "checkpoint-3").mkdir()  # incomplete: no manifest, must be skipped
-    launch(tmp, "resume", "--micro-batch-size", "2", "--save-every", "2", "--resume")
+    launch(tmp, out.name, *args, "--resume")
     assert max_rel(weights(out), ref_weights) <= 1e-9
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
