@@ -14,19 +14,11 @@ from gradaccum.data import Example
 from gradaccum.losses import CausalLMLoss
 from gradaccum.memory import (divisors, find_micro_batch_size, parse_size, peak_rss_bytes, reset_peak_rss,
                               search_micro_batch_size)
-from helpers import tiny_llama
+from helpers import one_thread, tiny_llama
 
 MIB = 2 ** 20
 HAS_RESETTABLE_PEAK = os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a loaded machine, 2 OpenMP threads turn every op into a wait for a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- sizes -------------------------------------------------------------------------------------

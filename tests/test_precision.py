@@ -8,18 +8,11 @@ import pytest
 import torch
 
 from gradaccum.precision import FP32GradAccumulation
-from helpers import collate, logits_of, make_examples, tiny_llama
+from helpers import collate, logits_of, make_examples, one_thread, tiny_llama
 from gradaccum.losses import count_targets, token_loss_sum
 
 K = 16  # micro-batches per window
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _micro_batches():
