@@ -141,6 +141,8 @@ class Accumulator:
         iterator = iter(groups)
         self.optimizer.zero_grad(set_to_none=True)
         template, sync = None, self._syncs_over_ranks()
+        # Fixed for the whole loop (the model is wrapped before it starts): no module walk per window.
+        self._sync, self._factor = sync, dist_utils.gradient_average_factor(self.model, self.process_group)
         num_ranks = dist_utils.world_size(self.process_group) if sync else 1
         my_rank = dist_utils.rank(self.process_group) if sync else 0
         same_length = sync and bool(dist_utils.fsdp_roots(self.model))
@@ -198,7 +200,7 @@ class Window:
         self.stepped = False
         self._counts = counts  # n_k of this rank's micro-batches
         self._num_real = len(batches) if num_real is None else num_real  # without masked padding
-        self._factor = dist_utils.gradient_average_factor(acc.model, acc.process_group)
+        self._factor = acc._factor
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=acc._collective_device())
 
     @property
@@ -258,7 +260,7 @@ class Window:
         params = [p for group in acc.optimizer.param_groups for p in group["params"]]
         lr = acc.optimizer.param_groups[0].get("lr") if acc.optimizer.param_groups else None
         loss_sum = self._loss_sum.clone()
-        if acc._syncs_over_ranks():
+        if acc._sync:
             dist_utils.all_reduce_sum(loss_sum, acc.process_group)
         loss = float(loss_sum) / self.num_targets if self.num_targets else math.nan
 

@@ -186,9 +186,9 @@ def train(config: TrainConfig) -> TrainResult:
     train_path = config.data or str(tasks.default_train_path())
     eval_path = config.eval_data or (str(tasks.default_eval_path()) if config.data is None else None)
     examples, data_stats = tokenize(read_jsonl(train_path), tokenizer, config.max_length, path=train_path)
-    eval_records = [record for _, record in read_jsonl(eval_path)] if eval_path else []
-    eval_examples = tokenize(read_jsonl(eval_path), tokenizer, config.max_length, path=eval_path)[0] \
-        if eval_path else []
+    eval_lines = read_jsonl(eval_path) if eval_path else []  # read once: loss and accuracy both use it
+    eval_records = [record for _, record in eval_lines]
+    eval_examples = tokenize(eval_lines, tokenizer, config.max_length, path=eval_path)[0] if eval_lines else []
     lengths = [len(example.input_ids) for example in examples]
     log(f"data: {len(examples)} examples from {train_path} ({data_stats.num_truncated} truncated to "
         f"{config.max_length} tokens, {data_stats.num_empty_targets} without targets); "
