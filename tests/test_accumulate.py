@@ -308,3 +308,48 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     model = TinyLM()
     with pytest.raises(ValueError, match=match):
         Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that keeps, at each step, the gradients it was handed (float64 copies)."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.double().clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def _accumulated_grads_bf16(model, batches, accumulate_dtype):
+    optimizer = _RecordingSGD(model.parameters(), lr=0.0)
+    acc = Accumulator(model, optimizer, accumulation_steps=len(batches), accumulate_dtype=accumulate_dtype)
+    for window in acc.windows(batches):
+        for batch in window:
+            window.loss(logits_of(model, batch).float(), batch["labels"]).backward()
+        window.step()
+    return optimizer.seen
+
+
+def test_accumulate_dtype_float32_for_bf16_params_k16():
+    # K = 16 micro-batches of 2 sequences with very different target counts, bf16 parameters. The
+    # reference is the float32 model (same weights) over the same window, one exact mean.
+    torch.manual_seed(0)
+    lengths = [4 + (11 * i) % 37 for i in range(32)]
+    examples = make_examples(lengths, [(5 * i) % 9 for i in range(32)], seed=3)
+    batches = [collate(examples[i:i + 2]) for i in range(0, 32, 2)]
+    bf16 = tiny_llama(torch.float32, seed=0).to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).float()
+    reference = _accumulated_grads_bf16(fp32, batches, None)
+
+    def error(grads):
+        num = sum(float((g - r).norm() ** 2) for g, r in zip(grads, reference))
+        return (num / sum(float(r.norm() ** 2) for r in reference)) ** 0.5
+
+    wide = Accumulator(bf16, torch.optim.SGD(bf16.parameters(), lr=0.0)).wide
+    assert wide is not None and wide.accumulate_dtype == torch.float32  # "auto" turns it on for bf16
+    with_fp32 = error(_accumulated_grads_bf16(copy.deepcopy(bf16), batches, "auto"))
+    without = error(_accumulated_grads_bf16(copy.deepcopy(bf16), batches, None))
+    print(f"\nbf16 params, K=16, gradient vs float32 reference: accumulate_dtype=float32 {with_fp32:.2e}, "
+          f"native bf16 .grad {without:.2e}")
+    assert with_fp32 < 0.9 * without  # the K bf16 roundings of the running sum are gone
+    assert Accumulator(fp32, torch.optim.SGD(fp32.parameters(), lr=0.0)).wide is None  # nothing to widen
+    with pytest.raises(ValueError, match="accumulate_dtype"):
+        Accumulator(bf16, torch.optim.SGD(bf16.parameters(), lr=0.0), accumulate_dtype="float32")

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .losses import count_target_sequences, count_targets, sequence_mean_sum, token_loss_sum
+from .precision import LOW_PRECISION, FP32GradAccumulation
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Accumulator:
         count_fn: Callable[[Any], int] | None = None,
         process_group: Any = None,
         skip_nonfinite: bool = True,
+        accumulate_dtype: torch.dtype | str | None = "auto",
     ):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
@@ -99,6 +101,31 @@ class Accumulator:
         self.skip_nonfinite = skip_nonfinite
         self.step = 0  # optimizer steps taken
         self.num_skipped = 0  # windows whose optimizer step was skipped
+        self.wide = self._wide_accumulation(accumulate_dtype)
+
+    def _wide_accumulation(self, accumulate_dtype: torch.dtype | str | None) -> FP32GradAccumulation | None:
+        """Float32 sums for bf16/fp16 parameters' gradients (one rounding per window, not K).
+
+        "auto" (the default) does it whenever the optimizer holds low-precision parameters and the
+        model is not FSDP2-sharded (FSDP2 keeps its own sharded gradients: give it float32 parameters
+        with a bf16 MixedPrecisionPolicy instead). None keeps autograd's native `.grad` sums.
+        """
+        if accumulate_dtype is None:
+            return None
+        explicit = accumulate_dtype != "auto"
+        dtype = torch.float32 if accumulate_dtype == "auto" else accumulate_dtype
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"accumulate_dtype must be a torch dtype, 'auto' or None, got {accumulate_dtype!r}")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not any(p.requires_grad and p.dtype in LOW_PRECISION for p in params):
+            return None
+        if dist_utils.fsdp_roots(self.model):
+            if explicit:
+                raise ValueError("accumulate_dtype is not supported under FSDP2: keep float32 parameters "
+                                 "and pass MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+                                 "reduce_dtype=torch.float32) to fully_shard")
+            return None
+        return FP32GradAccumulation(params, dtype)
 
     # -- counting -------------------------------------------------------------
     def count(self, batch: Any) -> int:
@@ -214,7 +241,10 @@ class Window:
         last = len(self.batches) - 1
         for micro_step, batch in enumerate(self.batches):
             self.micro_step = micro_step
-            # Gradients are reduced over ranks only on the last backward of the window.
+            # Gradients are reduced over ranks only on the last backward of the window, so that
+            # backward must find the whole (widened) sum in .grad.
+            if self.acc.wide is not None:
+                self.acc.wide.write_through = micro_step == last and self.acc._sync
             with dist_utils.gradient_sync(self.acc.model, enabled=micro_step == last):
                 yield batch
         self.micro_step = None
@@ -265,6 +295,8 @@ class Window:
         loss = float(loss_sum) / self.num_targets if self.num_targets else math.nan
 
         def skip(reason: str, grad_norm: float | None) -> StepStats:
+            if acc.wide is not None:
+                acc.wide.zero()
             acc.optimizer.zero_grad(set_to_none=True)
             acc.num_skipped += 1
             return StepStats(acc.step, loss, self.num_targets, grad_norm, lr, len(self.batches), True, reason)
@@ -272,7 +304,10 @@ class Window:
         if self.num_targets == 0:
             warnings.warn(f"window {self.index} has no target tokens: optimizer step skipped", stacklevel=2)
             return skip("no_targets", None)
-        grad_norm = _clip_grad_norm(params, acc.max_grad_norm)
+        if acc.wide is not None:  # norm and clipping on the float32 sums, then one cast to bf16
+            grad_norm = acc.wide.flush(acc.max_grad_norm, params)
+        else:
+            grad_norm = _clip_grad_norm(params, acc.max_grad_norm)
         if acc.skip_nonfinite and not math.isfinite(grad_norm):
             warnings.warn(f"window {self.index}: gradient norm is {grad_norm}: optimizer step skipped",
                           stacklevel=2)
