@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradaccum.losses import CausalLMLoss, chunked_cross_entropy, sequence_mean_sum, token_loss_sum
+from gradaccum.losses import (CausalLMLoss, chunked_cross_entropy, linear_cross_entropy_sum, sequence_mean_sum,
+                              token_loss_sum)
 
 IGNORE = -100
 VOCAB = 64
@@ -119,6 +120,78 @@ def test_bad_arguments():
         chunked_cross_entropy(h, w.float(), t, b)
     with pytest.raises(ValueError, match="weight"):
         chunked_cross_entropy(h, w[:, :4], t, b)
+
+
+# --- linear_cross_entropy_sum: gradient taken in forward, scaled in backward -------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_sum_matches_cross_entropy(dtype, chunk_size, weighted):
+    h, w, b, t, token_weights = random_problem(50, 16, 97, dtype)
+    token_weights = token_weights if weighted else None
+    scale = torch.tensor(0.37, dtype=dtype)  # what window.scale() multiplies the summed loss by
+    ours = linear_cross_entropy_sum(h, w, t, b, token_weights, chunk_size=chunk_size)
+    per_token = F.cross_entropy(F.linear(h, w, b), t, reduction="none")
+    ref = (per_token * token_weights).sum() if weighted else per_token.sum()
+    assert ours.shape == () and ours.dtype == dtype
+    assert rel(ours, ref) <= TOLERANCE[dtype]
+    for mine, theirs in zip(grads_of(ours, scale, (h, w, b)), grads_of(ref, scale, (h, w, b))):
+        assert rel(mine, theirs) <= TOLERANCE[dtype]
+    # The same tolerance tells a wrong gradient apart: off-by-one targets.
+    wrong = F.cross_entropy(F.linear(h, w, b), (t + 1) % 97, reduction="sum")
+    mine = grads_of(linear_cross_entropy_sum(h, w, t, b, token_weights, chunk_size=chunk_size), scale, (w,))[0]
+    assert rel(mine, grads_of(wrong, scale, (w,))[0]) > 1e-2
+
+
+def test_linear_sum_frozen_head_no_grad_and_autocast():
+    h, w, b, t, _ = random_problem(33, 8, 40, torch.float64)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    linear_cross_entropy_sum(h, w, t, b, chunk_size=5).backward()
+    assert w.grad is None and b.grad is None
+    ref_h = torch.autograd.grad(F.cross_entropy(F.linear(h, w, b), t, reduction="sum"), h)[0]
+    assert rel(h.grad, ref_h) <= 1e-12
+    with torch.no_grad():  # evaluation: the loss only
+        loss = linear_cross_entropy_sum(h, w, t, b)
+    assert not loss.requires_grad and rel(loss, F.cross_entropy(F.linear(h, w, b), t, reduction="sum")) <= 1e-12
+    h32, w32, b32, t32, _ = random_problem(40, 16, 97, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy_sum(h32, w32, t32, b32, chunk_size=9)
+        ref = F.cross_entropy(F.linear(h32, w32, b32).float(), t32, reduction="sum")
+    assert ours.dtype == torch.float32 and rel(ours, ref) <= 1e-6
+    for mine, theirs in zip(grads_of(ours, None, (h32, w32)), grads_of(ref, None, (h32, w32))):
+        assert mine.dtype == torch.float32 and rel(mine, theirs) <= 2e-2
+    with pytest.raises(ValueError, match="weights must be"):
+        linear_cross_entropy_sum(h, w, t, b, torch.ones(3, dtype=torch.float64))
+
+
+def test_linear_sum_computes_each_chunk_once():
+    """Three [chunk x V x H] matmuls per chunk (logits, grad hidden, grad weight), not four."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in ("mm", "addmm", "addmm_"):
+                a, b_ = (args[1], args[2]) if name.startswith("addmm") else (args[0], args[1])
+                CountMatmuls.flops += a.shape[0] * a.shape[1] * b_.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    def flops(fn):
+        CountMatmuls.flops = 0
+        with CountMatmuls():
+            fn()
+        return CountMatmuls.flops
+
+    n, hidden, vocab = 64, 16, 128
+    h, w, b, t, _ = random_problem(n, hidden, vocab, torch.float32, bias=False)
+    fused = flops(lambda: linear_cross_entropy_sum(h, w, t, chunk_size=16).backward())
+    recomputed = flops(lambda: chunked_cross_entropy(h, w, t, chunk_size=16).sum().backward())
+    assert fused == 3 * n * vocab * hidden
+    assert recomputed == 4 * n * vocab * hidden
 
 
 # --- memory: what the chunked path keeps for backward ---------------------------------------------

@@ -7,8 +7,10 @@ per-micro-batch normalisation that makes naive accumulation wrong.
 
 At a 49,152-token vocabulary (SmolLM2) the `[tokens, vocab]` logits and their gradient
 dominate activation memory. `chunked_cross_entropy` projects `chunk_size` tokens at a
-time, keeps one logsumexp per token, and recomputes each chunk in backward; `CausalLMLoss`
-uses it for plain HF causal LMs, projecting only the positions that have a target.
+time, keeps one logsumexp per token, and recomputes each chunk in backward.
+`linear_cross_entropy_sum` returns the (weighted) sum instead and takes each chunk's gradient
+during the forward, so no chunk is computed twice; `CausalLMLoss` uses it for plain HF causal
+LMs, projecting only the positions that have a target.
 """
 
 from __future__ import annotations
@@ -163,6 +165,103 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, grad_bias, None
 
 
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i w_i * CE(hidden_i @ weight.T + bias, target_i), with the gradient taken in forward.
+
+    The loss is a weighted *sum*, so its gradient is the scalar grad_output times a gradient that
+    is fully known in forward: each chunk's `softmax - onehot` is formed right after its logits and
+    pushed through the two backward matmuls at once. Backward only multiplies by grad_output. So the
+    logits are computed once (no recompute: the same three matmuls as the plain head), and held one
+    chunk at a time. What waits between forward and backward: grad_hidden [N, H] and the weight
+    gradient [V, H] -- nothing runs between the head's forward and its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, weights, chunk_size, need):
+        need_hidden, need_weight, need_bias = need
+        num_tokens, vocab = hidden.shape[0], weight.shape[0]
+        dtype = _accumulation_dtype(hidden.dtype)
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            chunk, chunk_targets = hidden[start:end], targets[start:end]
+            logits = _chunk_logits(chunk, weight, bias, dtype)
+            lse = torch.logsumexp(logits, dim=1)
+            losses = lse - logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            total += losses.sum() if weights is None else (losses * weights[start:end]).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # d loss_i / d logits_i = w_i * (softmax_i - onehot(target_i)), built in the logits' buffer.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(end - start, device=logits.device), chunk_targets] -= 1
+            if weights is not None:
+                grad_logits.mul_(weights[start:end, None])
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+            grad_logits = grad_logits.to(hidden.dtype)  # the matmuls run in the input dtype, as nn.Linear's
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if need_weight:
+                if grad_logits.dtype == dtype:
+                    grad_weight.addmm_(grad_logits.t(), chunk)
+                else:
+                    grad_weight += (grad_logits.t() @ chunk).to(dtype)
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        # The buffers are ours alone: scale in place, no second [V, H] tensor.
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total.to(grad_weight.dtype)).to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(grad_total.to(grad_bias.dtype)).to(bias_dtype)
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None
+
+
+def _prepare_head_inputs(name, hidden, weight, targets, bias, chunk_size):
+    """Validate the LM-head inputs; cast them as autocast would cast the head's nn.Linear."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: need hidden [N, H] and weight [V, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    if targets.shape != (num_tokens,) or targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"{name}: targets must be integer class indices of shape "
+                         f"({num_tokens},), got {targets.dtype} {tuple(targets.shape)}")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"{name}: bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mirror autocast on the head's nn.Linear: float32/half inputs to the autocast dtype
+        # (float64 is not autocast-eligible). The casts stay outside the Function, in autograd.
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        eligible = (torch.float32, torch.float16, torch.bfloat16)
+        hidden, weight = (t.to(autocast_dtype) if t.dtype in eligible else t for t in (hidden, weight))
+        if bias is not None and bias.dtype in eligible:
+            bias = bias.to(autocast_dtype)
+    if not hidden.is_floating_point() or weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise ValueError(f"{name}: hidden, weight and bias must share one floating dtype, got "
+                         f"{hidden.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
+    targets = targets.to(device=hidden.device, dtype=torch.long)
+    if num_tokens and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"{name}: targets must lie in [0, {vocab}); select the target "
+                         "positions (drop ignore_index) before calling")
+    return hidden, weight, targets, bias
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -178,40 +277,45 @@ def chunked_cross_entropy(
     half-precision inputs (the softmax is taken in float32), else in the input dtype.
 
     Extra memory beyond the inputs is O(N) (one logsumexp per token) plus one chunk of
-    `chunk_size x V` logits at a time, in forward and in backward. Gradients flow to whichever
-    of hidden / weight / bias require them; a frozen head (LoRA) costs no weight-gradient work.
-    Under autocast the inputs are cast as autocast would cast an nn.Linear's.
+    `chunk_size x V` logits at a time, in forward and in backward (which recomputes them: any
+    per-token weighting of the result is allowed). Gradients flow to whichever of hidden / weight /
+    bias require them; a frozen head (LoRA) costs no weight-gradient work. Where only a weighted
+    sum is needed, `linear_cross_entropy_sum` does the same without the recompute.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"chunked_cross_entropy: need hidden [N, H] and weight [V, H], got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    num_tokens, vocab = hidden.shape[0], weight.shape[0]
-    if targets.shape != (num_tokens,) or targets.is_floating_point() or targets.is_complex():
-        raise ValueError(f"chunked_cross_entropy: targets must be integer class indices of shape "
-                         f"({num_tokens},), got {targets.dtype} {tuple(targets.shape)}")
-    if bias is not None and bias.shape != (vocab,):
-        raise ValueError(f"chunked_cross_entropy: bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunked_cross_entropy: chunk_size must be an integer >= 1, got {chunk_size!r}")
-
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Mirror autocast on the head's nn.Linear: float32/half inputs to the autocast dtype
-        # (float64 is not autocast-eligible). The casts stay outside the Function, in autograd.
-        autocast_dtype = torch.get_autocast_dtype(device_type)
-        eligible = (torch.float32, torch.float16, torch.bfloat16)
-        hidden, weight = (t.to(autocast_dtype) if t.dtype in eligible else t for t in (hidden, weight))
-        if bias is not None and bias.dtype in eligible:
-            bias = bias.to(autocast_dtype)
-    if not hidden.is_floating_point() or weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise ValueError(f"chunked_cross_entropy: hidden, weight and bias must share one floating dtype, got "
-                         f"{hidden.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
-    targets = targets.to(device=hidden.device, dtype=torch.long)
-    if num_tokens and bool(((targets < 0) | (targets >= vocab)).any()):
-        raise ValueError(f"chunked_cross_entropy: targets must lie in [0, {vocab}); select the target "
-                         "positions (drop ignore_index) before calling")
-    with torch.autocast(device_type, enabled=False):
+    hidden, weight, targets, bias = _prepare_head_inputs("chunked_cross_entropy", hidden, weight, targets,
+                                                         bias, chunk_size)
+    with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedCrossEntropy.apply(hidden, weight, targets, bias, chunk_size)
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """`sum_i weights_i * CE(hidden_i @ weight.T + bias, targets_i)` (weights default to 1): a scalar.
+
+    The same inputs and memory bound as `chunked_cross_entropy`, but the gradient is formed during
+    the forward, chunk by chunk, so each chunk's logits are computed once instead of twice (the
+    head's three matmuls, as in the plain path). Held from forward to backward: grad_hidden [N, H]
+    and, for a trainable head, the weight gradient [V, H] in float32/float64. Under no_grad, or with
+    nothing requiring a gradient, only the loss is computed.
+    """
+    hidden, weight, targets, bias = _prepare_head_inputs("linear_cross_entropy_sum", hidden, weight, targets,
+                                                         bias, chunk_size)
+    if weights is not None:
+        if weights.shape != targets.shape or not weights.is_floating_point():
+            raise ValueError(f"linear_cross_entropy_sum: weights must be floating point of shape "
+                             f"{tuple(targets.shape)}, got {weights.dtype} {tuple(weights.shape)}")
+        weights = weights.detach().to(device=hidden.device, dtype=_accumulation_dtype(hidden.dtype))
+    grad = torch.is_grad_enabled()
+    need = (grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropySum.apply(hidden, weight, targets, bias, weights, chunk_size, need)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +398,7 @@ class CausalLMLoss(torch.nn.Module):
     With chunked=True (the default) and a plain HF causal LM (Llama, Mistral, Qwen2/3, Phi,
     Gemma 1, OLMo, SmolLM3, Starcoder2; bare or with peft LoRA on its inner layers), the loss
     is computed from the decoder's hidden states: only positions with a target are projected,
-    through `chunked_cross_entropy`, so neither the `[B, T, V]` logits nor their gradient ever
+    through `linear_cross_entropy_sum`, so neither the `[B, T, V]` logits nor their gradient ever
     exist. Every other model takes the plain path on `model(...).logits` -- any module that
     returns a logits tensor or an output with `.logits` -- with the same result;
     `uses_chunked_path` and `fallback_reason` say which path was taken and why.
@@ -345,12 +449,9 @@ class CausalLMLoss(torch.nn.Module):
         rows, cols = mask.nonzero(as_tuple=True)
         # The head's parameters are read here, inside this forward, so that DDP and FSDP2
         # (which wrap this module) see them used and (FSDP2) unsharded.
-        per_token = chunked_cross_entropy(hidden[rows, cols], head.weight, shifted[rows, cols], head.bias,
-                                          self.chunk_size)
+        targets, weights = shifted[rows, cols], None
         if self.normalize == "samples":
-            # Scatter back to [B, T-1] (each position written once: deterministic on CUDA too,
-            # unlike an atomic index_add) and sum each row.
-            per_position = per_token.new_zeros(mask.shape).index_put((rows, cols), per_token)
-            sums, counts = per_position.sum(dim=1), mask.sum(dim=1)
-            return (sums / counts.clamp(min=1).to(sums.dtype)).sum()
-        return per_token.sum()
+            # Each sequence's mean: every target token of sequence b weighs 1 / (its targets).
+            weights = 1.0 / mask.sum(dim=1).clamp(min=1).to(torch.float64)[rows]
+        return linear_cross_entropy_sum(hidden[rows, cols], head.weight, targets, head.bias, weights,
+                                        self.chunk_size)
