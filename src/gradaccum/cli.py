@@ -13,6 +13,19 @@ from typing import Any
 from .config import TrainConfig
 
 
+def _use_huge_pages_for_large_tensors() -> None:
+    """Ask torch's CPU allocator for transparent huge pages on blocks of 2 MiB and more.
+
+    torch returns large blocks to the kernel on free, so every micro-batch's activations and every
+    window's gradients are page-faulted in again, 4 KiB at a time; with huge pages one fault maps
+    2 MiB. Measured on SmolLM2-135M (benchmarks/results/vs_hf.md): 2.6x fewer page faults, ~15% less
+    wall time, the same peak RSS. c10 reads the variable once, at its first allocation, so this runs
+    before torch is imported; a value the user set (THP_MEM_ALLOC_ENABLE=0 turns it off) is kept.
+    """
+    if sys.platform.startswith("linux") and "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def _base_type(annotation: Any) -> Any:
     """`int | None` -> int; `int | str` -> str (validated by the dataclass)."""
     if isinstance(annotation, str):
@@ -62,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _use_huge_pages_for_large_tensors()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
