@@ -17,6 +17,7 @@ from gradaccum.data import (
     DataError,
     Example,
     collate,
+    pack,
     padding_fraction,
     read_jsonl,
     split_window,
@@ -302,6 +303,22 @@ def test_collate_right_pads_and_masks_padding():
     assert padding_fraction([]) == 0.0
     with pytest.raises(ValueError):
         collate([], pad_token_id=0)
+
+
+def test_pack_concatenates_restarts_positions_and_keeps_the_target_count():
+    from gradaccum.losses import count_targets
+
+    examples = [Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), Example([8, 9], [8, 9]), Example([4], [4])]
+    batch = pack(examples)
+    assert set(batch) == {"input_ids", "position_ids", "labels"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    # Each example's first token is never a target (the causal shift), padded or packed.
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX]]
+    assert count_targets(batch["labels"]) == count_targets(collate(examples, 0)["labels"]) == 3
+    assert padding_fraction([batch]) == 0.0
+    with pytest.raises(ValueError):
+        pack([])
 
 
 # ---- the data order -----------------------------------------------------------------------------

@@ -314,6 +314,39 @@ def test_causal_lm_loss_chunked_matches_logits(normalize):
     assert rel(chunked(*batch), expected) <= 1e-12
 
 
+def _examples_of(batch):
+    from gradaccum.data import Example
+
+    input_ids, attention_mask, labels = batch
+    return [Example(ids[mask.bool()].tolist(), lab[mask.bool()].tolist())
+            for ids, mask, lab in zip(input_ids, attention_mask, labels)]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_packed_batch_matches_padded_batch(chunked):
+    """data.pack: one row, position_ids restarting per example, no attention_mask -- the same summed loss
+    and gradients as the padded batch, because HF's sdpa mask keeps each example to itself."""
+    from gradaccum.data import pack
+
+    model = tiny_llama()
+    padded = padded_batch()
+    packed = pack(_examples_of(padded))
+    loss = CausalLMLoss(model, chunked=chunked, chunk_size=5)
+    as_packed = lambda: loss(packed["input_ids"], None, packed["labels"], position_ids=packed["position_ids"])  # noqa: E731
+    params = [p for p in model.parameters()]
+    want = torch.autograd.grad(loss(*padded), params)
+    got_loss = as_packed()
+    got = torch.autograd.grad(got_loss, params)
+    assert rel(got_loss, loss(*padded)) <= 1e-10
+    assert all(rel(g, w) <= 1e-10 for g, w in zip(got, want))
+    # The check can fail: without the position restarts the examples attend to each other.
+    leaky = loss(packed["input_ids"], None, packed["labels"])
+    assert rel(leaky, loss(*padded)) > 1e-3
+    with pytest.raises(ValueError, match="normalize"):
+        CausalLMLoss(model, normalize="samples")(packed["input_ids"], None, packed["labels"],
+                                                 position_ids=packed["position_ids"])
+
+
 def test_causal_lm_loss_wrong_shift_differs():
     """The comparison above would catch a shift error: predicting label t (not t+1) at position t."""
     model = tiny_llama()

@@ -46,6 +46,9 @@ class TrainConfig:
     merge_lora: bool = _f(True, "save final/ as the merged full model (else the adapter only)")
     fsdp: bool = _f(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
     chunked_loss: bool = _f(True, "LM-head cross-entropy in chunks, never materialising full logits")
+    packing: bool = _f(False, "padding-free micro-batches: each micro-batch's examples concatenated into one "
+                              "row, kept apart by position_ids (HF models with sdpa/eager/flash attention; "
+                              "--normalize tokens)")
     eval_every: int | None = _f(None, "evaluate every N steps (default: 5 evaluations per run; 0 disables)")
     eval_examples: int = _f(200, "held-out examples used for exact-match accuracy")
     save_every: int | None = _f(None, "write checkpoint-N/ every N steps (default: 4 per run; 0 disables)")
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        if self.packing and self.normalize == "samples":
+            raise ValueError("--packing needs --normalize tokens: a packed row holds several sequences")
         if self.max_grad_norm == 0:
             self.max_grad_norm = None
         for f in fields(self):

@@ -290,6 +290,27 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Padding-free: the examples end to end in one row, `input_ids`, `position_ids`, `labels` [1, T].
+
+    position_ids restart at 0 for each example; HF models (transformers >= 4.53, sdpa / eager / flash
+    attention) read those restarts as sequence boundaries and attend only within each example, so every
+    token sees exactly what it sees in its own padded row. The first token of each example gets no label:
+    after the causal shift it would be predicted from the previous example's last token, and in a padded
+    row it is never a target either -- so the target count, and the exact loss, are unchanged.
+    There is no attention_mask: every position is real.
+    """
+    if not examples:
+        raise ValueError("pack: no examples")
+    input_ids, position_ids, labels = [], [], []
+    for example in examples:
+        input_ids += example.input_ids
+        position_ids += range(len(example.input_ids))
+        labels += [IGNORE_INDEX] + list(example.labels[1:])
+    as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_row(input_ids), "position_ids": as_row(position_ids), "labels": as_row(labels)}
+
+
 def window_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's global windows: a seeded permutation of range(num_examples) cut into `batch_size` chunks.
 
@@ -348,7 +369,9 @@ def padding_fraction(batches: Iterable[dict[str, torch.Tensor]]) -> float:
     """Padded positions / all positions over collated batches (0.0 for none), for logging."""
     num_positions = num_real = 0
     for batch in batches:
-        mask = batch["attention_mask"]
+        mask = batch.get("attention_mask")
+        if mask is None:  # packed: every position is real
+            mask = torch.ones_like(batch["input_ids"])
         num_positions += mask.numel()
         num_real += int(mask.sum())
     return 1.0 - num_real / num_positions if num_positions else 0.0

@@ -429,19 +429,29 @@ class CausalLMLoss(torch.nn.Module):
     def uses_chunked_path(self) -> bool:
         return self.fallback_reason is None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed loss of a padded batch, or of a packed one (`data.pack`: attention_mask None and
+        position_ids restarting at each sequence; normalize="tokens" only, as a row is not a sequence)."""
         # Resolved on every call (a few attribute lookups) rather than cached: the submodules
         # must not be stored on self, where they would be registered a second time.
         parts = _chunkable_parts(self.model) if self.chunked else "chunked=False"
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:
+            if self.normalize == "samples":
+                raise ValueError("CausalLMLoss: packed batches (position_ids) need normalize='tokens'")
+            # use_cache=False matters beyond memory: HF reads position_ids as packed sequences only when
+            # no KV cache is passed, and with use_cache=True the model makes itself one.
+            inputs.update(position_ids=position_ids, use_cache=False)
         if isinstance(parts, str):
-            logits = _logits_of(self.model(input_ids=input_ids, attention_mask=attention_mask))
+            logits = _logits_of(self.model(**inputs))
             if self.normalize == "samples":
                 return sequence_mean_sum(logits, labels, self.ignore_index)
             return token_loss_sum(logits, labels, self.ignore_index)
 
         decoder, head = parts
         # use_cache=False: training never reads a KV cache, and building one only holds memory.
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
         # Position t predicts label t+1; select the targets *before* the head, so padding and
         # prompt positions are never projected onto the vocabulary.
         shifted = labels[:, 1:].to(hidden.device)

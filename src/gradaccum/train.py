@@ -27,11 +27,11 @@ import torch
 from . import checkpoint, distributed
 from .accumulate import Accumulator
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .data import collate, global_windows, padding_fraction, read_jsonl, split_window, tokenize
+from .data import collate, global_windows, pack, padding_fraction, read_jsonl, split_window, tokenize
 from .evaluate import eval_loss, exact_match
 from .losses import CausalLMLoss, count_target_sequences, count_targets
 from .memory import peak_memory_bytes
-from .models import apply_lora, load_model, save_final
+from .models import apply_lora, load_model, own_memory, packing_unsupported_reason, save_final
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}  # bf16: autocast
 
@@ -178,6 +178,8 @@ def train(config: TrainConfig) -> TrainResult:
     model.to(device)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"--model {config.model}: its tokenizer has no pad token")
+    if config.packing and (reason := packing_unsupported_reason(model)):
+        raise ValueError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
 
     # ---- data --------------------------------------------------------------------
@@ -216,6 +218,7 @@ def train(config: TrainConfig) -> TrainResult:
         f"{accumulation_steps} x world {world_size}; {total_steps} steps, {windows_per_epoch} per epoch; "
         f"accumulation={config.accumulation}, lr={lr:g}, dtype={config.dtype}, device={device}")
 
+    own_memory(list(model.parameters()))  # before DDP broadcasts into them / FSDP2 shards them
     train_module = distributed.wrap(loss_module, fsdp, device)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per parameter on CPU and CUDA, with no parameter-sized temporaries (the
@@ -280,7 +283,10 @@ def train(config: TrainConfig) -> TrainResult:
     def window_batches():
         for window in global_windows(len(examples), batch_size, config.seed, start_step, total_steps):
             micro = split_window(window, micro_batch_size, rank, world_size, lengths)
-            yield [collate([examples[i] for i in indices], tokenizer.pad_token_id) for indices in micro]
+            if config.packing:
+                yield [pack([examples[i] for i in indices]) for indices in micro]
+            else:
+                yield [collate([examples[i] for i in indices], tokenizer.pad_token_id) for indices in micro]
 
     # ---- the loop ----------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -296,7 +302,8 @@ def train(config: TrainConfig) -> TrainResult:
             for batch in window:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast():
-                    summed = train_module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                    summed = train_module(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                          position_ids=batch.get("position_ids"))
                 window.scale(summed).backward()
             stats = window.step()
             step += 1
