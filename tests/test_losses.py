@@ -516,3 +516,40 @@ def test_data_parallel_wrappers_see_the_head():
                 assert_same((loss.detach(), grads), reference)
         finally:
             dist.destroy_process_group()
+
+
+def test_cuda_kernel_is_used_when_installed_and_falls_back_on_failure(monkeypatch):
+    """The CUDA kernel hook, exercised on the CPU: a stand-in `cut_cross_entropy` module computes the
+    token sum; CausalLMLoss must hand it the selected hidden states and give the built-in result."""
+    import sys
+    import types
+
+    from gradaccum import losses
+
+    calls = []
+
+    def fake_linear_cross_entropy(e, c, targets, reduction="mean"):
+        calls.append(e.shape[0])
+        return F.cross_entropy(e @ c.T, targets, reduction=reduction)
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy",
+                        types.SimpleNamespace(linear_cross_entropy=fake_linear_cross_entropy))
+    monkeypatch.setattr(losses, "cuda_kernel_name", lambda: "cut_cross_entropy")
+    monkeypatch.setattr(losses, "_on_cuda", lambda tensor: True)
+    model = tiny_llama()
+    batch = padded_batch()
+    kernel = CausalLMLoss(model, chunk_size=5)
+    assert kernel.head_kernel == "chunked; cut_cross_entropy on CUDA"
+    assert_same(loss_and_grads(kernel, batch), loss_and_grads(CausalLMLoss(model, kernel="torch"), batch))
+    assert calls == [int((batch[2][:, 1:] != IGNORE).sum())]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=broken))
+    with pytest.warns(UserWarning, match="built-in chunked"):
+        result = loss_and_grads(kernel, batch)
+    assert kernel.head_kernel == "chunked"
+    assert_same(result, loss_and_grads(CausalLMLoss(model, kernel="torch"), batch))
+    with pytest.raises(ValueError, match="kernel"):
+        CausalLMLoss(model, kernel="triton")

@@ -15,6 +15,8 @@ LMs, projecting only the positions that have a target.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -319,6 +321,37 @@ def linear_cross_entropy_sum(
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA kernels, when installed
+# ---------------------------------------------------------------------------------------------
+
+
+def _on_cuda(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cuda"
+
+
+def cuda_kernel_name() -> str | None:
+    """The installed fused LM-head CE kernel for CUDA: "cut_cross_entropy", "liger" or None."""
+    import importlib.util
+
+    for name, module in (("cut_cross_entropy", "cut_cross_entropy"), ("liger", "liger_kernel")):
+        if importlib.util.find_spec(module) is not None:
+            return name
+    return None
+
+
+def _cuda_kernel_sum(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight.T, targets_i) through Cut Cross Entropy or Liger (CUDA, Triton)."""
+    if name == "cut_cross_entropy":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets)
+    return loss[0] if isinstance(loss, tuple) else loss
+
+
+# ---------------------------------------------------------------------------------------------
 # The model and its loss in one forward
 # ---------------------------------------------------------------------------------------------
 
@@ -402,10 +435,14 @@ class CausalLMLoss(torch.nn.Module):
     exist. Every other model takes the plain path on `model(...).logits` -- any module that
     returns a logits tensor or an output with `.logits` -- with the same result;
     `uses_chunked_path` and `fallback_reason` say which path was taken and why.
+
+    On CUDA with kernel="auto", the chunked path hands the selected hidden states to Cut Cross
+    Entropy or Liger's fused linear cross-entropy when one is installed (token sums, no head bias);
+    a failing kernel warns once and the built-in path takes over. `head_kernel` names the choice.
     """
 
     def __init__(self, model: torch.nn.Module, normalize: str = "tokens", ignore_index: int = -100,
-                 chunked: bool = True, chunk_size: int = 1024):
+                 chunked: bool = True, chunk_size: int = 1024, kernel: str = "auto"):
         super().__init__()
         if normalize not in ("tokens", "samples"):
             raise ValueError(f"normalize must be 'tokens' or 'samples', got {normalize!r}")
@@ -416,6 +453,11 @@ class CausalLMLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.chunked = chunked
         self.chunk_size = chunk_size
+        if kernel not in ("auto", "torch"):
+            raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
+        # "auto": on CUDA, Cut Cross Entropy or Liger when installed (token sums, no bias); else ours.
+        self.kernel = kernel
+        self._cuda_kernel = cuda_kernel_name() if kernel == "auto" else None
 
     @property
     def fallback_reason(self) -> str | None:
@@ -424,6 +466,13 @@ class CausalLMLoss(torch.nn.Module):
             return "chunked=False"
         parts = _chunkable_parts(self.model)
         return parts if isinstance(parts, str) else None
+
+    @property
+    def head_kernel(self) -> str:
+        """"plain" (full logits), "chunked" (built-in), or the CUDA kernel used on CUDA inputs."""
+        if not self.uses_chunked_path:
+            return "plain"
+        return f"chunked; {self._cuda_kernel} on CUDA" if self._cuda_kernel else "chunked"
 
     @property
     def uses_chunked_path(self) -> bool:
@@ -463,5 +512,12 @@ class CausalLMLoss(torch.nn.Module):
         if self.normalize == "samples":
             # Each sequence's mean: every target token of sequence b weighs 1 / (its targets).
             weights = 1.0 / mask.sum(dim=1).clamp(min=1).to(torch.float64)[rows]
+        if self._cuda_kernel and weights is None and head.bias is None and _on_cuda(hidden):
+            try:
+                return _cuda_kernel_sum(self._cuda_kernel, hidden[rows, cols], head.weight, targets)
+            except (ImportError, RuntimeError, TypeError, ValueError) as exc:  # an API or build mismatch
+                warnings.warn(f"CausalLMLoss: the {self._cuda_kernel} kernel failed ({exc}); using the "
+                              "built-in chunked cross-entropy from now on", stacklevel=2)
+                self._cuda_kernel = None
         return linear_cross_entropy_sum(hidden[rows, cols], head.weight, targets, head.bias, weights,
                                         self.chunk_size)

@@ -181,6 +181,8 @@ def train(config: TrainConfig) -> TrainResult:
     if config.packing and (reason := packing_unsupported_reason(model)):
         raise ValueError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
+    log(f"LM head loss: {loss_module.head_kernel}" + ("" if loss_module.uses_chunked_path
+                                                    else f" ({loss_module.fallback_reason})"))
 
     # ---- data --------------------------------------------------------------------
     from . import tasks
