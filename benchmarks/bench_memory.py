@@ -11,6 +11,11 @@ steps and grow with the micro-batch size only. Two optimizer steps per point: th
 the optimizer state, the second runs every micro-batch with parameters + gradients + state resident
 (the steady-state peak). The in-loop `peak_memory_bytes` of metrics.jsonl is reported alongside.
 
+By default the data is generated: every example is longer than --max-length, so every micro-batch is
+exactly micro-batch x max-length tokens. With variable-length data, a run of more micro-batches sees
+longer examples, and its activation peak grows with *which* examples it saw, not with the number of
+micro-batches; uniform data keeps that out of the comparison. `--data bundled` (or a path) uses real data.
+
 Writes benchmarks/results/memory.md and memory.png.
 """
 
@@ -80,10 +85,36 @@ def finder_predictions(args: argparse.Namespace) -> dict[int, int | None]:
     return {int(m): p for m, p in json.loads(run.stdout.strip().splitlines()[-1]).items()}
 
 
+def write_uniform_data(path: Path, max_length: int, num_examples: int = 256) -> str:
+    """Text examples of 8 x max_length characters: longer than max_length tokens for any tokenizer
+    (a token is at least one character here), so each is truncated to exactly max_length."""
+    import random
+
+    rng = random.Random(0)
+    words = ["gradient", "window", "token", "batch", "memory", "step", "loss", "rank", "model", "layer"]
+    with open(path, "w") as f:
+        for _ in range(num_examples):
+            text = ""
+            while len(text) < 8 * max_length:
+                text += rng.choice(words) + " "
+            f.write(json.dumps({"text": text}) + "\n")
+    return str(path)
+
+
+def describe_data(data: str | None) -> str:
+    if data is None:
+        return "bundled train.jsonl"
+    if Path(data).name == "uniform.jsonl":
+        return "generated, every example truncated to the max length (every micro-batch the same size)"
+    return Path(data).name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SMOLLM2) if SMOLLM2.is_dir() else "tiny")
-    parser.add_argument("--data", default=None, help="JSONL (default: the bundled train set)")
+    parser.add_argument("--data", default="uniform",
+                        help="'uniform' (generated: every example truncated to --max-length), 'bundled' "
+                             "(the bundled train set) or a JSONL path")
     parser.add_argument("--micro-batch-size", type=int, default=2, help="for the accumulation sweep")
     parser.add_argument("--accumulation", default="1,2,4,8,16")
     parser.add_argument("--micro-batch-sizes", default="1,2,4,8,16", help="at accumulation 1")
@@ -96,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     if args._predict:
         predict(args)
         return
+    if args.data == "uniform":
+        args.data = write_uniform_data(Path(tempfile.mkdtemp(prefix="bench_memory_data_")) / "uniform.jsonl",
+                                       args.max_length)
+    elif args.data == "bundled":
+        args.data = None
     accumulations = [int(k) for k in args.accumulation.split(",") if k]
     micros = [int(m) for m in args.micro_batch_sizes.split(",") if m]
 
@@ -113,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# Peak memory vs accumulation steps and micro-batch size ({name}, CPU, float32)", "",
              f"{machine_line()}; OMP_NUM_THREADS={args.threads}. Each point is a fresh `gradaccum train` process, "
              f"{args.steps} optimizer steps, max length {args.max_length}, data "
-             f"{Path(args.data).name if args.data else 'bundled train.jsonl'}; peak RSS from wait4 (whole process), "
+             f"{describe_data(args.data)}; peak RSS from wait4 (whole process), "
              "loop peak = max `peak_memory_bytes` logged per step.", ""]
     if by_accumulation:
         base = by_accumulation[0]["peak_rss"]
@@ -128,6 +164,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"Accumulation {last['accumulation']} vs {by_accumulation[0]['accumulation']}: "
                   f"**{(last['peak_rss'] / base - 1) * 100:+.1f}%** (target: within 5%); largest spread over all "
                   f"points {spread * 100:.1f}%.", ""]
+        multi = [r for r in by_accumulation if r["accumulation"] >= 2]
+        if len(multi) >= 2 and by_accumulation[0]["accumulation"] == 1:
+            lines += [f"From accumulation {multi[0]['accumulation']} to {multi[-1]['accumulation']}: "
+                      f"**{(multi[-1]['peak_rss'] / multi[0]['peak_rss'] - 1) * 100:+.1f}%**. Accumulation 1 "
+                      "is lower for a structural reason, in any loop that frees gradients after the step (torch's "
+                      "default zero_grad(set_to_none=True); HF Trainer too): from the second micro-batch of a "
+                      "window on, the window's gradient buffers (4 bytes per parameter) and that micro-batch's "
+                      "activations are alive together; at accumulation 1 they never fully are, because "
+                      "zero_grad frees the gradients and the next backward re-creates them layer by layer "
+                      "while it frees activations.", ""]
     if by_micro:
         base = by_micro[0]["peak_rss"]
         table = Table(["micro-batch", "accumulation steps", "peak RSS (MiB)", f"vs micro-batch {by_micro[0]['micro']}",
@@ -147,9 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["## The micro-batch finder's predictions vs these measurements", "",
                   "`memory.predicted_peaks` (what `--micro-batch-size auto` compares with the budget): one probe "
                   "forward+backward per size on the *longest* examples of the data, with gradients present, plus "
-                  "2 x the trainable parameter bytes for AdamW's state. The training runs above draw random "
-                  "windows, so a prediction at or somewhat above the measurement is the intended (worst-case) "
-                  "reading; below it would be a miss.", "", table.markdown(), ""]
+                  "2 x the trainable parameter bytes for AdamW's state. A prediction at or somewhat above the "
+                  "measurement is the intended (worst-case) reading; below it would be a miss.", "",
+                  table.markdown(), ""]
     text = "\n".join(lines)
     print(text)
     path = write_result(args.output, text)

@@ -15,6 +15,10 @@ machine load falls on both alike; the table reports ratios of medians, and every
   HF         benchmarks/hf_trainer_run.py: Trainer with the same model, the same tokenized
              micro-batches in the same order, AdamW, lr, warm-up and clipping; it saves the model and
              tokenizer at the end too
+  gradaccum (THP off)  the gradaccum command with THP_MEM_ALLOC_ENABLE=0: what the CLI gains from
+             asking torch's allocator for huge pages (it sets THP_MEM_ALLOC_ENABLE=1 by default)
+  HF (THP on)  HF Trainer given the same allocator setting, so the ratio that is *not* the allocator
+             can be read off too
   gradaccum+X  the gradaccum command with proposed loop changes X applied (train_variant.py)
 
 Writes benchmarks/results/vs_hf.md, vs_hf.png and the raw measurements in vs_hf.json.
@@ -67,7 +71,7 @@ def hf_command(preset: dict, output: Path, data: str | None) -> list[str]:
 
 def first_losses(side: str, run, output: Path) -> list[float]:
     """Per-step losses, to show both sides trained on the same batches (step 1 must agree)."""
-    if side == "HF":
+    if side.startswith("HF"):
         return json.loads(run.stdout.strip().splitlines()[-1])["losses"]
     metrics = output / "metrics.jsonl"
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -75,7 +79,7 @@ def first_losses(side: str, run, output: Path) -> list[float]:
 
 def bench_preset(name: str, preset: dict, rounds: int, data: str | None, variants: list[str],
                  threads: int | None) -> dict:
-    sides = ["gradaccum", "HF"] + [f"gradaccum+{v}" for v in variants]
+    sides = ["gradaccum", "HF", "gradaccum (THP off)", "HF (THP on)"] + [f"gradaccum+{v}" for v in variants]
     runs: dict[str, list] = {side: [] for side in sides}
     losses: dict[str, list[float]] = {}
     for round_index in range(rounds):
@@ -83,24 +87,33 @@ def bench_preset(name: str, preset: dict, rounds: int, data: str | None, variant
         for side in order:
             output = Path(tempfile.mkdtemp(prefix=f"bench_vs_hf_{name}_"))
             try:
-                if side == "HF":
+                if side.startswith("HF"):
                     command = hf_command(preset, output, data)
                 else:
                     command = gradaccum_command(preset, output, data, side.partition("+")[2] or None)
                 extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-                run = run_process(command, env=env_with_src(extra))
+                if side.endswith("(THP off)"):
+                    extra["THP_MEM_ALLOC_ENABLE"] = "0"
+                elif side.endswith("(THP on)"):
+                    extra["THP_MEM_ALLOC_ENABLE"] = "1"
+                env = env_with_src(extra)
+                if "THP_MEM_ALLOC_ENABLE" not in extra:
+                    env.pop("THP_MEM_ALLOC_ENABLE", None)  # each side's own default
+                run = run_process(command, env=env)
                 if run.returncode != 0:
                     raise RuntimeError(f"{side} failed ({run.returncode}):\n{run.stderr[-3000:]}")
                 if not (output / "final" / "model.safetensors").exists():
                     raise RuntimeError(f"{side} did not save final/model.safetensors")
                 losses.setdefault(side, first_losses(side, run, output))
+                # float32 weights: the file is ~4 bytes per parameter (tied embeddings stored once).
+                model_bytes = (output / "final" / "model.safetensors").stat().st_size
                 runs[side].append(run)
                 print(f"  [{name}] round {round_index + 1}/{rounds} {side:24s} wall {run.wall_seconds:6.1f} s  "
                       f"peak RSS {run.peak_rss_bytes / MIB:6.0f} MiB  user {run.user_seconds:5.1f} s  "
                       f"sys {run.system_seconds:5.1f} s  minor faults {run.minor_faults}", flush=True)
             finally:
                 shutil.rmtree(output, ignore_errors=True)
-    return {"runs": runs, "losses": losses, "sides": sides}
+    return {"runs": runs, "losses": losses, "sides": sides, "model_bytes": model_bytes}
 
 
 def report(results: dict[str, dict], rounds: int, data: str | None, threads: int | None) -> str:
@@ -110,7 +123,9 @@ def report(results: dict[str, dict], rounds: int, data: str | None, threads: int
              f"{rounds} rounds; each run a fresh process, the sides alternating (order rotated per round). "
              "Ratios are side / HF Trainer, of the medians; 'per round' lists each round's own ratio "
              "(both sides of a round ran back to back, under the same load). Both sides save the final "
-             "model; gradaccum also writes metrics.jsonl and loss.png.", ""]
+             "model; gradaccum also writes metrics.jsonl and loss.png. The gradaccum CLI sets "
+             "THP_MEM_ALLOC_ENABLE=1 (huge pages for torch's large CPU blocks) unless the user set it; the "
+             "(THP off) / (THP on) rows separate that from the rest.", ""]
     for name, result in results.items():
         preset = PRESETS[name]
         runs, sides = result["runs"], result["sides"]
@@ -135,7 +150,11 @@ def report(results: dict[str, dict], rounds: int, data: str | None, threads: int
                       f"{median([r.user_seconds + r.system_seconds for r in rs]) / hf_cpu:.2f}",
                       f"{median([r.system_seconds for r in rs]):.1f}",
                       f"{median([r.minor_faults for r in rs]):.0f}", f"{loss[0]:.4f}")
-        lines += [table.markdown(), ""]
+        floor = 4 * result["model_bytes"]
+        lines += [table.markdown(), "",
+                  f"Floor of any float32 AdamW fine-tune of this model: parameters + gradients + AdamW's two "
+                  f"moments = 4 x the weights = {floor / MIB:.0f} MiB = **{floor / hf_rss:.2f}x** HF's peak, "
+                  "before the interpreter, torch and transformers themselves.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -3,14 +3,12 @@
     python benchmarks/train_variant.py --variant fused,keep_grads -- train --model tiny ...
 
 Variants (comma-separated; each is a change proposed for train.py / accumulate.py, see README.md):
-  fused       torch.optim.AdamW(..., fused=True): one fused kernel per parameter instead of ~10
-              element-wise ops, with no temporaries the size of the parameter
+  fused       torch.optim.AdamW(..., fused=True) (train.py does this by default since it was measured)
   keep_grads  optimizer.zero_grad(set_to_none=False): gradient buffers are allocated once and
               reused, instead of freed after every step and allocated (page-faulted) again
   mallopt     glibc: no mmap for large blocks and no trimming, so freed activation and gradient
               memory is reused instead of being returned to the kernel and faulted in again
-  thp         THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator asks for transparent huge pages for
-              blocks >= 2 MiB, so one page fault maps 2 MiB instead of 4 KiB (set before torch loads)
+  thp         THP_MEM_ALLOC_ENABLE=1: huge pages for torch's blocks >= 2 MiB (the CLI's default now)
 Anything after `--` is passed to `gradaccum` unchanged.
 """
 

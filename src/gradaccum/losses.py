@@ -101,6 +101,24 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(hidden, weight, bias).to(dtype)
 
 
+def _through_head(grad_logits: torch.Tensor, chunk: torch.Tensor, weight: torch.Tensor,
+                  grad_hidden: torch.Tensor | None, start: int, grad_weight: torch.Tensor | None,
+                  grad_bias: torch.Tensor | None) -> None:
+    """Push one chunk's logit gradient [C, V] back through the head, adding into whichever of
+    grad_hidden[start:start+C], grad_weight [V, H] and grad_bias [V] are wanted (not None)."""
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(dim=0)
+    # The two matmuls run in the input dtype, as the head's own nn.Linear backward would.
+    grad_logits = grad_logits.to(chunk.dtype)
+    if grad_hidden is not None:
+        torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk.shape[0]])
+    if grad_weight is not None:
+        if grad_logits.dtype == grad_weight.dtype:
+            grad_weight.addmm_(grad_logits.t(), chunk)
+        else:
+            grad_weight += (grad_logits.t() @ chunk).to(grad_weight.dtype)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of `hidden @ weight.T + bias`, `chunk_size` tokens at a time.
 
@@ -148,17 +166,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 rows = torch.arange(end - start, device=grad_logits.device)
                 grad_logits[rows, targets[start:end]] -= 1
                 grad_logits.mul_(grad_loss[start:end, None])
-                if need_bias:
-                    grad_bias += grad_logits.sum(dim=0)
-                # The two matmuls run in the input dtype, as the head's own backward would.
-                grad_logits = grad_logits.to(hidden.dtype)
-                if need_hidden:
-                    torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-                if need_weight:
-                    if grad_logits.dtype == dtype:
-                        grad_weight.addmm_(grad_logits.t(), chunk)
-                    else:
-                        grad_weight += (grad_logits.t() @ chunk).to(dtype)
+                _through_head(grad_logits, chunk, weight, grad_hidden, start, grad_weight, grad_bias)
                 del grad_logits
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -191,26 +199,21 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             end = min(start + chunk_size, num_tokens)
             chunk, chunk_targets = hidden[start:end], targets[start:end]
             logits = _chunk_logits(chunk, weight, bias, dtype)
-            lse = torch.logsumexp(logits, dim=1)
-            losses = lse - logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            # log-sum-exp inside the logits' own buffer (no second chunk x V block): shift each row by
+            # its max, exponentiate in place, sum. The buffer then holds exp(logits - max).
+            row_max = logits.amax(dim=1)
+            sum_exp = logits.sub_(row_max[:, None]).exp_().sum(dim=1)
+            losses = row_max + sum_exp.log() - target_logits
             total += losses.sum() if weights is None else (losses * weights[start:end]).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
-            # d loss_i / d logits_i = w_i * (softmax_i - onehot(target_i)), built in the logits' buffer.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            # d loss_i / d logits_i = w_i * (softmax_i - onehot(target_i)), still in the same buffer.
+            grad_logits = logits.div_(sum_exp[:, None])
             grad_logits[torch.arange(end - start, device=logits.device), chunk_targets] -= 1
             if weights is not None:
                 grad_logits.mul_(weights[start:end, None])
-            if need_bias:
-                grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(hidden.dtype)  # the matmuls run in the input dtype, as nn.Linear's
-            if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if need_weight:
-                if grad_logits.dtype == dtype:
-                    grad_weight.addmm_(grad_logits.t(), chunk)
-                else:
-                    grad_weight += (grad_logits.t() @ chunk).to(dtype)
+            _through_head(grad_logits, chunk, weight, grad_hidden, start, grad_weight, grad_bias)
             del logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

@@ -304,8 +304,8 @@ def train(config: TrainConfig) -> TrainResult:
             for batch in window:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast():
-                    summed = train_module(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
-                                          position_ids=batch.get("position_ids"))
+                    packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+                    summed = train_module(batch["input_ids"], batch.get("attention_mask"), batch["labels"], **packed)
                 window.scale(summed).backward()
             stats = window.step()
             step += 1
