@@ -102,3 +102,60 @@ def test_naive_over_ranks_departs(tmp_path):
     model = copy.deepcopy(initial)
     model.load_state_dict(naive["state"], strict=False)
     assert relative_error(model, reference, initial) > 1e-4
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """lr=0 SGD that keeps the gradients it is handed at each step (float64 copies)."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.double().clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def _bf16_worker(rank, port, mode, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(tiny_llama(torch.float32, seed=0).to(torch.bfloat16))
+        opt = _RecordingSGD(model.parameters(), lr=0.0)
+        window = _windows()[0]
+        share = len(window) // WORLD
+        micro_batches = [collate([example]) for example in window[rank * share:(rank + 1) * share]]
+        acc = Accumulator(model, opt, accumulation_steps=share, accumulate_dtype=None if mode == "native" else "auto")
+        for w in acc.windows(micro_batches):
+            for batch in w:
+                if mode == "no_write_through":  # the bug the write-through prevents: DDP reduces 1 micro-batch
+                    acc.wide.write_through = False
+                w.loss(logits_of(model, batch).float(), batch["labels"]).backward()
+            w.step()
+        if rank == 0:
+            torch.save(opt.seen, os.path.join(out_dir, f"grads-{mode}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_bf16_params_accumulate_in_float32_under_ddp(tmp_path):
+    """accumulate_dtype="auto" under DDP: the last backward writes the float32 sum into .grad before
+    DDP reduces it, so every micro-batch of every rank is in the step's gradient."""
+    from gradaccum.losses import count_targets, token_loss_sum
+
+    reference_model = tiny_llama(torch.float32, seed=0).to(torch.bfloat16).float()
+    batches = [collate([example]) for example in _windows()[0]]
+    num_targets = sum(count_targets(b["labels"]) for b in batches)
+    for batch in batches:
+        (token_loss_sum(logits_of(reference_model, batch), batch["labels"]) / num_targets).backward()
+    reference = [p.grad.double() for p in reference_model.parameters()]
+
+    errors = {}
+    for mode in ("auto", "no_write_through"):  # ("native": 5.5e-3 vs auto 5.4e-3 when measured)
+        mp.start_processes(_bf16_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True,
+                           start_method="spawn")
+        grads = torch.load(tmp_path / f"grads-{mode}.pt", weights_only=True)
+        num = sum(float((g - r).norm() ** 2) for g, r in zip(grads, reference))
+        errors[mode] = (num / sum(float(r.norm() ** 2) for r in reference)) ** 0.5
+    print(f"\nbf16 DDP, 2 ranks x 4 micro-batches, gradient vs float32 full batch: {errors}")
+    assert errors["auto"] < 2e-2
+    assert errors["no_write_through"] > 0.1  # the check can fail: a lost reduction is far off
