@@ -35,6 +35,17 @@ from _common import MIB, ROOT, Table, env_with_src, machine_line, pyplot, run_pr
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
+def _run(command: list[str], args: argparse.Namespace, what: str):
+    """Run one measured child with the benchmark's data and thread settings; raise if it fails."""
+    if args.data:
+        command = [*command, "--data", args.data]
+    env = env_with_src({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    run = run_process(command, env=env)
+    if run.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{run.stderr[-3000:]}")
+    return run
+
+
 def run_point(model: str, micro: int, accumulation: int, args: argparse.Namespace) -> dict:
     output = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     try:
@@ -42,12 +53,7 @@ def run_point(model: str, micro: int, accumulation: int, args: argparse.Namespac
                    "--accumulation-steps", str(accumulation), "--max-length", str(args.max_length),
                    "--max-steps", str(args.steps), "--save-every", "0", "--eval-every", "0", "--no-progress",
                    "--output", str(output)]
-        if args.data:
-            command += ["--data", args.data]
-        env = env_with_src({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
-        run = run_process(command, env=env)
-        if run.returncode != 0:
-            raise RuntimeError(f"micro {micro} x accumulation {accumulation} failed:\n{run.stderr[-3000:]}")
+        run = _run(command, args, f"micro {micro} x accumulation {accumulation}")
         metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
         return {"micro": micro, "accumulation": accumulation, "peak_rss": run.peak_rss_bytes,
                 "loop_peak": max(m["peak_memory_bytes"] for m in metrics), "wall": run.wall_seconds}
@@ -76,12 +82,7 @@ def predict(args: argparse.Namespace) -> None:
 def finder_predictions(args: argparse.Namespace) -> dict[int, int | None]:
     command = [sys.executable, str(Path(__file__).resolve()), "--_predict", "--model", args.model,
                "--micro-batch-sizes", args.micro_batch_sizes, "--max-length", str(args.max_length)]
-    if args.data:
-        command += ["--data", args.data]
-    env = env_with_src({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
-    run = run_process(command, env=env)
-    if run.returncode != 0:
-        raise RuntimeError(f"finder predictions failed:\n{run.stderr[-3000:]}")
+    run = _run(command, args, "finder predictions")
     return {int(m): p for m, p in json.loads(run.stdout.strip().splitlines()[-1]).items()}
 
 

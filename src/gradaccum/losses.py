@@ -511,16 +511,15 @@ class CausalLMLoss(torch.nn.Module):
         rows, cols = mask.nonzero(as_tuple=True)
         # The head's parameters are read here, inside this forward, so that DDP and FSDP2
         # (which wrap this module) see them used and (FSDP2) unsharded.
-        targets, weights = shifted[rows, cols], None
+        selected, targets, weights = hidden[rows, cols], shifted[rows, cols], None
         if self.normalize == "samples":
             # Each sequence's mean: every target token of sequence b weighs 1 / (its targets).
             weights = 1.0 / mask.sum(dim=1).clamp(min=1).to(torch.float64)[rows]
         if self._cuda_kernel and weights is None and head.bias is None and _on_cuda(hidden):
             try:
-                return _cuda_kernel_sum(self._cuda_kernel, hidden[rows, cols], head.weight, targets)
+                return _cuda_kernel_sum(self._cuda_kernel, selected, head.weight, targets)
             except (ImportError, RuntimeError, TypeError, ValueError) as exc:  # an API or build mismatch
                 warnings.warn(f"CausalLMLoss: the {self._cuda_kernel} kernel failed ({exc}); using the "
                               "built-in chunked cross-entropy from now on", stacklevel=2)
                 self._cuda_kernel = None
-        return linear_cross_entropy_sum(hidden[rows, cols], head.weight, targets, head.bias, weights,
-                                        self.chunk_size)
+        return linear_cross_entropy_sum(selected, head.weight, targets, head.bias, weights, self.chunk_size)

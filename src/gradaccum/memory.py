@@ -28,7 +28,8 @@ m fits when that is at most 85% of the budget: over a whole run, allocator fragm
 one probe sees (SmolLM2-135M, CPU, micro-batches of exactly 2 x 256 tokens: the training peaks at
 accumulation 2 to 16 came out 9-12% above the prediction; at accumulation 1, where gradients and
 activations never fully coexist, 5-14% below; benchmarks/results/memory.md). On the CPU the RSS a
-probe reads also depends on the allocator's history: the same probe repeated later in a process reads up to ~8% higher (conservative).
+probe reads also depends on the allocator's history: the same probe repeated later in a process reads
+up to ~8% higher (conservative).
 
 The search never probes a size predicted not to fit (on the CPU an oversized probe is not an
 exception but the kernel's OOM killer): it probes m = 1 and the next divisor, fits peak(m) = a + b m,
