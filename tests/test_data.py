@@ -25,6 +25,8 @@ from gradaccum.data import (
     window_indices,
 )
 
+import toy_tokenizers as toy
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -178,17 +180,19 @@ def test_fuzz_read_jsonl_and_tokenize_raise_only_data_error(lines):
 # ---- tokenize: label masks ----------------------------------------------------------------------
 
 
-def test_prompt_completion_mask_is_exact():
+def test_prompt_completion_token_across_the_boundary_is_a_target():
     tokenizer = make_tokenizer()
-    # "rev" + "erse" would merge into one token if tokenized together: the boundary must not move.
+    # "rev" + "erse" merge into one token when tokenized together. Training uses the whole text's ids
+    # (what the model reads at inference); the merged token carries completion characters, so it is a target.
     prompt, completion = "reverse: rev", "erse"
-    assert encode(tokenizer, prompt + completion) != encode(tokenizer, prompt) + encode(tokenizer, completion)
+    whole = encode(tokenizer, prompt + completion)
+    assert whole != encode(tokenizer, prompt) + encode(tokenizer, completion)
     [example], stats = tokenize([(1, {"prompt": prompt, "completion": completion})], tokenizer, max_length=100)
-    prompt_ids = [tokenizer.bos_token_id] + encode(tokenizer, prompt)
-    completion_ids = encode(tokenizer, completion) + [tokenizer.eos_token_id]
-    assert example.input_ids == prompt_ids + completion_ids
-    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    assert stats.num_target_tokens == len(completion_ids)
+    assert example.input_ids == [tokenizer.bos_token_id] + whole + [tokenizer.eos_token_id]
+    num_prompt = len(encode(tokenizer, "reverse:"))  # the tokens wholly inside the prompt
+    assert example.labels == [IGNORE_INDEX] * (1 + num_prompt) + example.input_ids[1 + num_prompt:]
+    assert tokenizer.decode(example.input_ids[1 + num_prompt:]) == " reverse</s>"
+    assert stats.num_target_tokens == len(example.input_ids) - 1 - num_prompt
     assert (stats.num_truncated, stats.num_empty_targets, stats.num_empty_completions) == (0, 0, 0)
 
 
@@ -287,6 +291,163 @@ def test_bundled_format_examples_tokenize():
         examples, stats = tokenize(read_jsonl(path), tokenizer, max_length=256, path=path)
         assert stats.num_examples == len(examples) > 0
         assert stats.num_empty_targets == 0 and stats.num_truncated == 0
+
+
+# ---- tokenize: the ids are the ids inference sees (byte-level BPE, SentencePiece-style Metaspace) ----
+
+PROMPT_RECORDS = [("add: 97 + 8 =", " 105"), ("a =", " b"), ("reverse: abc =", " cba"), ("copy: x =", "")]
+
+
+def targets(example):
+    return [label for label in example.labels if label != IGNORE_INDEX]
+
+
+def target_runs(example) -> list[list[int]]:
+    """The label runs between ignored positions: one per completion / assistant turn."""
+    runs, current = [], []
+    for label in example.labels + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            runs, current = runs + [current], []
+    return runs
+
+
+@pytest.mark.parametrize("kind", toy.KINDS)
+def test_prompt_completion_ids_are_the_whole_text_ids(kind):
+    # SentencePiece-style tokenizers put a "▁" at the start of every call: tokenizing the completion on
+    # its own gives " b" -> "▁" "▁b", an extra token the model never sees after "a =" at inference.
+    tokenizer = toy.toy_tokenizer(kind)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    records = [{"prompt": prompt, "completion": completion} for prompt, completion in PROMPT_RECORDS]
+    examples, stats = tokenize(records, tokenizer, max_length=100)
+    for (prompt, completion), example in zip(PROMPT_RECORDS, examples):
+        assert example.input_ids == [bos] + encode(tokenizer, prompt + completion) + [eos]
+        num_prompt = example.labels.count(IGNORE_INDEX)
+        assert example.labels[num_prompt:] == example.input_ids[num_prompt:]  # one run, to the end
+        assert toy.surface(tokenizer, targets(example)) == completion + "</s>"
+    assert stats.num_empty_completions == 1
+
+
+@pytest.mark.parametrize("template", sorted(toy.TEMPLATES))
+@pytest.mark.parametrize("kind", toy.KINDS)
+def test_chat_ids_are_the_template_ids_and_the_mask_is_the_assistant_text(kind, template):
+    messages = CONVERSATION[1:] if template == "llama2" else CONVERSATION  # llama2's template has no system
+    # The reference: transformers' own tokenization of the rendered chat, with the assistant mask from
+    # a template that renders the same text with {% generation %} blocks.
+    reference = toy.toy_tokenizer(kind, template, generation=True).apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    tokenizer = toy.toy_tokenizer(kind, template)
+    [example], _ = tokenize([(1, {"messages": messages})], tokenizer, max_length=500)
+    assert example.input_ids == list(reference["input_ids"])
+    # transformers' mask ends at the first token holding the reply's last character; where a SentencePiece
+    # tokenizer inserts a "▁" before that character, both tokens spell it, and both are the reply's.
+    mask = list(reference["assistant_masks"])
+    spans = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
+                      return_offsets_mapping=True)["offset_mapping"]
+    for k in range(1, len(mask)):
+        mask[k] = mask[k] or (mask[k - 1] and spans[k] == spans[k - 1])
+    assert example.labels == [i if m else IGNORE_INDEX for i, m in zip(example.input_ids, mask)]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    runs = target_runs(example)
+    assert len(runs) == len(replies)
+    if kind == "byte_level" or template == "llama2":  # no "▁" inserted after a special token in the reply
+        expected = [(" " + r + "</s>") if template == "llama2" else (r + "<|im_end|>\n") for r in replies]
+        assert [toy.surface(tokenizer, run) for run in runs] == expected
+
+
+CONTROL_TEXT = "say </s> or <|im_start|>user now<|im_end|>"
+
+
+@pytest.mark.parametrize("kind", toy.KINDS)
+def test_control_token_strings_in_text_and_prompts_are_plain_text(kind):
+    tokenizer = toy.toy_tokenizer(kind)
+    plain = toy.plain_reference(tokenizer)  # matches no special token: all of the text is text
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    prompt, completion = "stop at </s> or <|im_end|> =", " </s> <|im_start|>"
+    [text, pair], _ = tokenize([{"text": CONTROL_TEXT}, {"prompt": prompt, "completion": completion}],
+                               tokenizer, max_length=200)
+    assert text.input_ids == [bos] + plain.encode(CONTROL_TEXT, add_special_tokens=False).ids + [eos]
+    assert pair.input_ids == [bos] + plain.encode(prompt + completion, add_special_tokens=False).ids + [eos]
+    assert toy.surface(tokenizer, targets(pair)) == completion + "</s>"
+    special_ids = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(toy.SPECIAL_TOKENS))
+    for example in (text, pair):
+        assert not special_ids & set(example.input_ids[1:-1])
+
+
+CONTROL_CONVERSATION = [
+    {"role": "user", "content": "what does </s> mean?"},
+    {"role": "assistant", "content": "it ends a text: </s>"},
+    {"role": "user", "content": "and <|im_start|>user or <|im_end|>?"},
+    {"role": "assistant", "content": "<|im_start|>user opens a turn, <|im_end|> closes it"},
+]
+
+
+@pytest.mark.parametrize("kind", toy.KINDS)
+def test_control_token_strings_in_chat_content_are_plain_text(kind):
+    tokenizer = toy.toy_tokenizer(kind, "chatml")
+    # Only "</s>" in the messages: the template's <|im_start|>/<|im_end|> are its own control tokens,
+    # so the exact reference is the whole rendered text with "</s>" matched as text only.
+    messages = CONTROL_CONVERSATION[:2]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    plain_eos = toy.plain_reference(tokenizer, keep=("<|im_start|>", "<|im_end|>"))
+    [example], _ = tokenize([(1, {"messages": messages})], tokenizer, max_length=500)
+    assert example.input_ids == plain_eos.encode(rendered, add_special_tokens=False).ids
+    assert tokenizer.eos_token_id not in example.input_ids
+
+    # The template's own control tokens in the messages too: still one <|im_start|> and one <|im_end|>
+    # per message, nothing special inside the content, and the text spelled out in full.
+    [example], _ = tokenize([(1, {"messages": CONTROL_CONVERSATION})], tokenizer, max_length=500)
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert example.input_ids.count(start) == example.input_ids.count(end) == len(CONTROL_CONVERSATION)
+    assert tokenizer.eos_token_id not in example.input_ids
+    runs = target_runs(example)
+    assert [run.count(end) for run in runs] == [1, 1]  # each reply's own end-of-turn marker, nothing more
+    if kind == "byte_level":
+        rendered = tokenizer.apply_chat_template(CONTROL_CONVERSATION, tokenize=False)
+        assert tokenizer.decode(example.input_ids) == rendered
+        assert [tokenizer.decode(run) for run in runs] == [m["content"] + "<|im_end|>\n"
+                                                            for m in CONTROL_CONVERSATION[1::2]]
+
+
+def test_control_token_strings_in_llama2_replies_are_plain_text():
+    tokenizer = toy.toy_tokenizer("legacy", "llama2")
+    messages = [{"role": "user", "content": "<s>[INST] hi [/INST]"}, {"role": "assistant", "content": "bye </s>"}]
+    [example], _ = tokenize([(1, {"messages": messages})], tokenizer, max_length=500)
+    assert example.input_ids.count(tokenizer.bos_token_id) == 1 and example.input_ids[0] == tokenizer.bos_token_id
+    assert example.input_ids.count(tokenizer.eos_token_id) == 1 and example.input_ids[-1] == tokenizer.eos_token_id
+    [run] = target_runs(example)
+    assert toy.surface(tokenizer, run) == " bye </s></s>"
+
+
+def test_tiny_tokenizer_ids_are_the_utf8_bytes():
+    from gradaccum.models import BOS_ID, EOS_ID, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    records = [{"prompt": "copy: é =", "completion": " é"}, {"text": "a </s> <|eos|> b"}]
+    [pair, text], _ = tokenize(records, tokenizer, max_length=100)
+    assert pair.input_ids == [BOS_ID, *"copy: é = é".encode(), EOS_ID]
+    assert pair.labels == [IGNORE_INDEX] * (1 + len("copy: é =".encode())) + [*" é".encode(), EOS_ID]
+    assert text.input_ids == [BOS_ID, *"a </s> <|eos|> b".encode(), EOS_ID]
+
+
+def test_a_template_that_rewrites_control_strings_in_messages_is_refused():
+    tokenizer = toy.toy_tokenizer("byte_level", None)
+    tokenizer = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                chat_template="{% for m in messages %}{{ m['content'][:6] + '</s>' }}{% endfor %}")
+    messages = [{"role": "user", "content": "ab</s>cd"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(DataError, match=r"r\.jsonl:5: field 'messages': the chat template rewrites message text"):
+        tokenize([(5, {"messages": messages})], tokenizer, max_length=100, path="r.jsonl")
+    messages[0]["content"] = "abc"  # no control token's text: fine
+    [example], _ = tokenize([(5, {"messages": messages})], tokenizer, max_length=100)
+    assert tokenizer.decode(targets(example)) == "ok</s>"
+
+
+def test_private_use_characters_with_control_strings_are_refused():
+    tokenizer = toy.toy_tokenizer("byte_level", "chatml")
+    messages = [{"role": "user", "content": "</s> \U000F0000"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(DataError, match=r"p\.jsonl:3: field 'messages'.*private-use"):
+        tokenize([(3, {"messages": messages})], tokenizer, max_length=100, path="p.jsonl")
 
 
 # ---- collate and padding ------------------------------------------------------------------------
