@@ -35,6 +35,26 @@ def launch(tmp_path, name, *args, nproc=2, timeout=240):
     return out
 
 
+def launch_two_nodes(tmp_path, name, *args, timeout=480):
+    """`gradaccum train` on 2 "nodes" x 2 processes (4 ranks): two torchrun launches on this machine
+    meeting at a c10d rendezvous, as on two hosts (there, the endpoint is node 0's address)."""
+    out, port = tmp_path / name, _port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name]
+    train = ["-m", "gradaccum", "train", "--data", str(tmp_path / "data.jsonl"), "--output", str(out), *COMMON, *args]
+    nodes = [subprocess.Popen(launcher + ["--node-rank", str(node)] + train, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, log in zip(nodes, logs):
+        assert node.returncode == 0, log[-4000:]
+    return out
+
+
 def weights(out):
     return load_file(str(out / "final" / "model.safetensors"))
 
@@ -93,3 +113,15 @@ def test_resume_under_two_ranks(reference, wrapper):
     launch(tmp, out.name, *args, "--resume")
     assert max_rel(weights(out), ref_weights) <= 1e-9
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow  # 4 ranks on the CPU: ~1-3 minutes
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_nodes_of_two_ranks_equal_one_process(reference, wrapper):
+    """torchrun --nnodes 2 --nproc-per-node 2 (c10d rendezvous): the 4-rank run is the one-process run."""
+    tmp, ref_weights, ref_losses = reference
+    args = ["--micro-batch-size", "1"] + (["--fsdp"] if wrapper == "fsdp2" else [])
+    out = launch_two_nodes(tmp, f"2nodes-{wrapper}", *args)
+    assert max_rel(weights(out), ref_weights) <= 1e-9
+    assert max(abs(a - b) for a, b in zip(losses(out), ref_losses)) <= 1e-9
+    assert len(losses(out)) == 3

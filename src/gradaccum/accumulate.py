@@ -8,8 +8,9 @@ number of target tokens (labels != ignore_index, after the causal shift). Then
     exact:  L = sum_k S_k / N,   N = sum_k n_k over every micro-batch of the window
                                               on every rank (the big-batch mean)
 
-So micro-batch k backpropagates  S_k / N,  times W (the world size) when DDP or
-FSDP2 average gradients over W ranks, because their mean must come out as a sum.
+So micro-batch k backpropagates  S_k / N,  times W when the data-parallel wrapper
+(DDP, FSDP1, FSDP2/HSDP) averages gradients over W ranks, because their mean must come
+out as a sum; N and W are over the ranks the wrapper reduces over (its own group or mesh).
 N is counted from the labels *before* the first forward: one all-reduce per window.
 
 normalize="samples" is the same equation one level up: S_k is the sum over
@@ -78,6 +79,7 @@ class Accumulator:
         process_group: Any = None,
         skip_nonfinite: bool = True,
         accumulate_dtype: torch.dtype | str | None = "auto",
+        gradient_average: bool | None = None,
     ):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
@@ -98,6 +100,11 @@ class Accumulator:
         self.accumulation = accumulation
         self.count_fn = count_fn
         self.process_group = process_group
+        self.gradient_average = gradient_average
+        # Which ranks the gradients are reduced over, and whether averaged: read from the wrapper
+        # (DDP, FSDP1, FSDP2/HSDP, also compiled) or from the two arguments; refused if unknown.
+        self._reduction = dist_utils.describe(model, process_group, gradient_average)
+        self._sync, self._factor = self._reduction.syncs, self._reduction.factor
         self.skip_nonfinite = skip_nonfinite
         self.step = 0  # optimizer steps taken
         self.num_skipped = 0  # windows whose optimizer step was skipped
@@ -119,11 +126,12 @@ class Accumulator:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if not any(p.requires_grad and p.dtype in LOW_PRECISION for p in params):
             return None
-        if dist_utils.fsdp_roots(self.model):
+        if dist_utils.shards_gradients(self.model):
             if explicit:
-                raise ValueError("accumulate_dtype is not supported under FSDP2: keep float32 parameters "
+                raise ValueError("accumulate_dtype is not supported under FSDP: keep float32 parameters "
                                  "and pass MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
-                                 "reduce_dtype=torch.float32) to fully_shard")
+                                 "reduce_dtype=torch.float32) to fully_shard (FSDP1: "
+                                 "MixedPrecision(param_dtype=..., reduce_dtype=torch.float32))")
             return None
         return FP32GradAccumulation(params, dtype)
 
@@ -145,9 +153,7 @@ class Accumulator:
         return torch.device("cpu")
 
     def _syncs_over_ranks(self) -> bool:
-        return dist_utils.averages_gradients(self.model) or (
-            self.process_group is not None and dist_utils.is_distributed()
-        )
+        return self._reduction.syncs
 
     # -- the loop ---------------------------------------------------------------
     def windows(self, batches: Iterable[Any]) -> Iterator["Window"]:
@@ -161,18 +167,15 @@ class Accumulator:
 
         Under data parallelism every rank runs the same number of windows: a rank whose
         data ran out while others still have some gets a fully-masked micro-batch, so its
-        backward still joins the gradient all-reduce and adds exactly zero. Under FSDP2,
-        whose forward gathers weights collectively, every rank is padded with such
+        backward still joins the gradient all-reduce and adds exactly zero. Under FSDP1 and
+        FSDP2, whose forward gathers weights collectively, every rank is padded with such
         micro-batches to the same number of micro-batches.
         """
         iterator = iter(groups)
         self.optimizer.zero_grad(set_to_none=True)
-        template, sync = None, self._syncs_over_ranks()
-        # Fixed for the whole loop (the model is wrapped before it starts): no module walk per window.
-        self._sync, self._factor = sync, dist_utils.gradient_average_factor(self.model, self.process_group)
-        num_ranks = dist_utils.world_size(self.process_group) if sync else 1
-        my_rank = dist_utils.rank(self.process_group) if sync else 0
-        same_length = sync and bool(dist_utils.fsdp_roots(self.model))
+        template, sync, reduction = None, self._sync, self._reduction
+        num_ranks, my_rank = (reduction.num_ranks, reduction.rank) if sync else (1, 0)
+        same_length = sync and reduction.collective_forward
         for index in itertools.count():
             micro_batches = list(next(iterator, []))
             if len(micro_batches) > self.accumulation_steps:
@@ -183,7 +186,7 @@ class Accumulator:
             totals = torch.zeros(1 + num_ranks, dtype=torch.float64, device=self._collective_device())
             totals[0], totals[1 + my_rank] = sum(counts), len(micro_batches)
             if sync:
-                dist_utils.all_reduce_sum(totals, self.process_group)
+                reduction.all_reduce_sum(totals)
             num_targets, per_rank = int(totals[0]), totals[1:].long().tolist()
             if sum(per_rank) == 0:
                 return
@@ -291,7 +294,7 @@ class Window:
         lr = acc.optimizer.param_groups[0].get("lr") if acc.optimizer.param_groups else None
         loss_sum = self._loss_sum.clone()
         if acc._sync:
-            dist_utils.all_reduce_sum(loss_sum, acc.process_group)
+            acc._reduction.all_reduce_sum(loss_sum)
         loss = float(loss_sum) / self.num_targets if self.num_targets else math.nan
 
         def skip(reason: str, grad_norm: float | None) -> StepStats:
@@ -307,7 +310,7 @@ class Window:
         if acc.wide is not None:  # norm and clipping on the float32 sums, then one cast to bf16
             grad_norm = acc.wide.flush(acc.max_grad_norm, params)
         else:
-            grad_norm = _clip_grad_norm(params, acc.max_grad_norm)
+            grad_norm = _clip_grad_norm(params, acc.max_grad_norm, acc._reduction.clip_module)
         if acc.skip_nonfinite and not math.isfinite(grad_norm):
             warnings.warn(f"window {self.index}: gradient norm is {grad_norm}: optimizer step skipped",
                           stacklevel=2)
@@ -320,8 +323,10 @@ class Window:
         return StepStats(acc.step, loss, self.num_targets, grad_norm, lr, len(self.batches))
 
 
-def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None, fsdp1_root: Any = None) -> float:
     """Total L2 norm of the gradients before clipping; clip to `max_norm` if given."""
+    if fsdp1_root is not None:  # sharded flat gradients: the norm is summed over the shards
+        return dist_utils.fsdp1_clip_grad_norm(fsdp1_root, params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
