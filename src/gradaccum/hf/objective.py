@@ -137,7 +137,7 @@ def problem_type_of(config, labels: torch.Tensor) -> str:
 
 
 def candidates_for(model, logits: torch.Tensor, labels: torch.Tensor, normalize: str,
-                base: Objective) -> list[Objective]:
+                   base: Objective) -> list[Objective]:
     """The objectives the trainer's own loss may be, from the shapes of the logits and labels."""
     config = model.config
     name = type(model).__name__

@@ -33,13 +33,9 @@ class _ExactMixin:
 
     _gradaccum: _State
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device=None):
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        # Trainer's own window (fewer batches at the end of an epoch); its count is replaced by ours.
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         state = self._gradaccum
         if state.objective is None:
             _check_wrapping(self)
@@ -148,7 +144,8 @@ def _check_supported(trainer) -> None:
             raise ValueError(f"make_exact: {kind.upper()} parallelism is not supported; use DDP (torchrun)")
     loss_type = getattr(args, "loss_type", None)
     if loss_type not in (None, "nll"):
-        raise ValueError(f"make_exact: loss_type={loss_type!r} is not supported; use loss_type='nll'")
+        raise ValueError(f"make_exact: {type(args).__name__}.loss_type={loss_type!r} is not a token cross-entropy; "
+                         "make_exact handles loss_type='nll' only")
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError("make_exact: the MoE router auxiliary loss is a per-micro-batch statistic that no "
                          "accumulation reproduces; set router_aux_loss_coef=0.0 to train without it")
