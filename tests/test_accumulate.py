@@ -343,13 +343,110 @@ def test_accumulate_dtype_float32_for_bf16_params_k16():
         num = sum(float((g - r).norm() ** 2) for g, r in zip(grads, reference))
         return (num / sum(float(r.norm() ** 2) for r in reference)) ** 0.5
 
-    wide = Accumulator(bf16, torch.optim.SGD(bf16.parameters(), lr=0.0)).wide
-    assert wide is not None and wide.accumulate_dtype == torch.float32  # "auto" turns it on for bf16
+    fp32_grads = Accumulator(bf16, torch.optim.SGD(bf16.parameters(), lr=0.0)).fp32_grads
+    assert fp32_grads is not None and fp32_grads.accumulate_dtype == torch.float32  # "auto": on for bf16
     with_fp32 = error(_accumulated_grads_bf16(copy.deepcopy(bf16), batches, "auto"))
     without = error(_accumulated_grads_bf16(copy.deepcopy(bf16), batches, None))
     print(f"\nbf16 params, K=16, gradient vs float32 reference: accumulate_dtype=float32 {with_fp32:.2e}, "
           f"native bf16 .grad {without:.2e}")
     assert with_fp32 < 0.9 * without  # the K bf16 roundings of the running sum are gone
-    assert Accumulator(fp32, torch.optim.SGD(fp32.parameters(), lr=0.0)).wide is None  # nothing to widen
+    assert Accumulator(fp32, torch.optim.SGD(fp32.parameters(), lr=0.0)).fp32_grads is None  # already fp32
     with pytest.raises(ValueError, match="accumulate_dtype"):
         Accumulator(bf16, torch.optim.SGD(bf16.parameters(), lr=0.0), accumulate_dtype="float32")
+
+
+# ---- the float32 sums' lifetime: hooks live while a windows() loop runs ----------------------------
+
+def _bf16_batches(num_batches=8, seed=11):
+    examples = make_examples([4 + (5 * i) % 17 for i in range(num_batches)], [i % 3 for i in range(num_batches)],
+                             seed=seed)
+    return [collate([example]) for example in examples]
+
+
+def _run_loop(acc, model, batches, fail_at=None):
+    """One windows() loop; `fail_at=(window, micro_step)` raises after that micro-batch's backward."""
+    stats = []
+    for window in acc.windows(batches):
+        for micro_step, batch in enumerate(window):
+            window.loss(logits_of(model, batch).float(), batch["labels"]).backward()
+            if fail_at == (window.index, micro_step):
+                raise _Abandoned
+        stats.append(window.step())
+    return stats
+
+
+class _Abandoned(Exception):
+    pass
+
+
+def _bf16_model():
+    torch.manual_seed(0)
+    return TinyLM().to(torch.bfloat16)
+
+
+def _assert_native_grads_again(model, batch):
+    """No float32 hook is left: a plain backward leaves its gradient in .grad."""
+    model.zero_grad(set_to_none=True)
+    logits_of(model, batch).float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_a_second_accumulator_on_the_same_bf16_model_trains():
+    """One Accumulator per epoch (bf16 parameters, float32 sums): the second one trains like a single
+    Accumulator over both epochs -- its gradients are not stolen by the first one's hooks."""
+    batches = _bf16_batches()
+    model = _bf16_model()
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    ref_stats = _run_loop(Accumulator(reference, ref_opt, accumulation_steps=2), reference, batches)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    stats = []
+    for epoch in range(2):
+        before = [p.detach().clone() for p in model.parameters()]
+        acc = Accumulator(model, opt, accumulation_steps=2)
+        assert acc.fp32_grads is not None
+        stats += _run_loop(acc, model, batches[4 * epoch:4 * epoch + 4])
+        assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before)), f"epoch {epoch} trained nothing"
+    assert [s.grad_norm for s in stats] == [s.grad_norm for s in ref_stats]
+    assert all(s.grad_norm > 0 for s in stats)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    _assert_native_grads_again(model, batches[0])
+
+
+def test_window_abandoned_by_an_exception_leaves_no_stale_sums():
+    """An exception in the middle of a window (an OOM, say), caught by the caller, then a new loop: the
+    float32 sums of the abandoned micro-batches must not leak into the next step."""
+    batches = _bf16_batches()
+    clean = _bf16_model()
+    clean_stats = _run_loop(Accumulator(clean, torch.optim.SGD(clean.parameters(), lr=0.5), 4), clean, batches)
+    model = _bf16_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5), accumulation_steps=4)
+    with pytest.raises(_Abandoned):
+        _run_loop(acc, model, batches, fail_at=(0, 2))
+    _assert_native_grads_again(model, batches[0])  # the loop's end removed the hooks
+    stats = _run_loop(acc, model, batches)  # the retry
+    assert [s.grad_norm for s in stats] == [s.grad_norm for s in clean_stats]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clean.parameters()))
+
+
+def test_two_live_accumulators_on_the_same_bf16_params_are_refused():
+    batches = _bf16_batches(2)
+    model = _bf16_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    first, second = Accumulator(model, opt, 1), Accumulator(model, opt, 1)
+    loop = first.windows(batches)
+    next(loop)  # the first loop is live, its hooks attached
+    with pytest.raises(ValueError, match="another"):
+        next(second.windows(batches))
+    loop.close()  # ends the first loop: its hooks go
+    assert len(_run_loop(second, model, batches)) == 2
+
+    with Accumulator(model, opt, 1) as third:
+        hanging = third.windows(batches)
+        next(hanging)
+    assert len(_run_loop(second, model, batches)) == 2  # leaving the `with` closed the third's loop
+    with pytest.raises(RuntimeError, match="closed"):
+        next(hanging)
+    third.close()  # idempotent
+    _assert_native_grads_again(model, batches[0])

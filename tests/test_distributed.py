@@ -126,7 +126,7 @@ def _bf16_worker(rank, port, mode, out_dir):
         for w in acc.windows(micro_batches):
             for batch in w:
                 if mode == "no_write_through":  # the bug the write-through prevents: DDP reduces 1 micro-batch
-                    acc.wide.write_through = False
+                    acc.fp32_grads.write_through = False
                 w.loss(logits_of(model, batch).float(), batch["labels"]).backward()
             w.step()
         if rank == 0:

@@ -108,14 +108,16 @@ class Accumulator:
         self.skip_nonfinite = skip_nonfinite
         self.step = 0  # optimizer steps taken
         self.num_skipped = 0  # windows whose optimizer step was skipped
-        self.wide = self._wide_accumulation(accumulate_dtype)
+        self.fp32_grads = self._fp32_accumulation(accumulate_dtype)
+        self._loop: object | None = None  # the running windows() loop; a newer one or close() ends it
 
-    def _wide_accumulation(self, accumulate_dtype: torch.dtype | str | None) -> FP32GradAccumulation | None:
+    def _fp32_accumulation(self, accumulate_dtype: torch.dtype | str | None) -> FP32GradAccumulation | None:
         """Float32 sums for bf16/fp16 parameters' gradients (one rounding per window, not K).
 
         "auto" (the default) does it whenever the optimizer holds low-precision parameters and the
         model is not FSDP2-sharded (FSDP2 keeps its own sharded gradients: give it float32 parameters
         with a bf16 MixedPrecisionPolicy instead). None keeps autograd's native `.grad` sums.
+        Its hooks live only while a windows() loop runs (see `grouped_windows`).
         """
         if accumulate_dtype is None:
             return None
@@ -133,7 +135,7 @@ class Accumulator:
                                  "reduce_dtype=torch.float32) to fully_shard (FSDP1: "
                                  "MixedPrecision(param_dtype=..., reduce_dtype=torch.float32))")
             return None
-        return FP32GradAccumulation(params, dtype)
+        return FP32GradAccumulation(params, dtype, attach=False)
 
     # -- counting -------------------------------------------------------------
     def count(self, batch: Any) -> int:
@@ -170,7 +172,47 @@ class Accumulator:
         backward still joins the gradient all-reduce and adds exactly zero. Under FSDP1 and
         FSDP2, whose forward gathers weights collectively, every rank is padded with such
         micro-batches to the same number of micro-batches.
+
+        The float32 gradient hooks (bf16/fp16 parameters) are attached, with empty sums, when the
+        loop starts and removed when it ends -- exhausted, broken out of, or left by an exception --
+        so an abandoned window's partial sums never reach a later step, and a later Accumulator on
+        the same parameters gets their gradients. Two loops live at once on the same parameters
+        (two Accumulators) are refused with a ValueError; a newer loop of the same Accumulator ends
+        the older one.
         """
+        fp32 = self.fp32_grads
+        if fp32 is not None:
+            fp32.attach()  # empty sums; refuses parameters another live loop accumulates
+        loop = self._loop = object()
+        windows = self._grouped_windows(groups)
+        try:
+            for window in windows:
+                if fp32 is not None:
+                    # DDP(find_unused_parameters=True) may reduce sums the last backward does not reach and
+                    # tells used from unused parameters by their `.grad`; a manual reduction may miss them too.
+                    fp32.find_unused_parameters = self._sync and getattr(self.model, "find_unused_parameters", True)
+                yield window
+                if self._loop is not loop:
+                    raise RuntimeError("this windows() loop was closed: Accumulator.close(), the end of its "
+                                       "`with` block, or a newer windows() loop of the same Accumulator")
+        finally:
+            windows.close()
+            if self._loop is loop:
+                self.close()
+
+    def close(self) -> None:
+        """End the running windows() loop's float32 hooks and sums (also on leaving a `with` block)."""
+        self._loop = None
+        if self.fp32_grads is not None:
+            self.fp32_grads.detach()
+
+    def __enter__(self) -> "Accumulator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _grouped_windows(self, groups: Iterable[list[Any]]) -> Iterator["Window"]:
         iterator = iter(groups)
         self.optimizer.zero_grad(set_to_none=True)
         template, sync, reduction = None, self._sync, self._reduction
@@ -245,9 +287,9 @@ class Window:
         for micro_step, batch in enumerate(self.batches):
             self.micro_step = micro_step
             # Gradients are reduced over ranks only on the last backward of the window, so that
-            # backward must find the whole (widened) sum in .grad.
-            if self.acc.wide is not None:
-                self.acc.wide.write_through = micro_step == last and self.acc._sync
+            # backward must find the whole float32 sum in .grad.
+            if self.acc.fp32_grads is not None and micro_step == last and self.acc._sync:
+                self.acc.fp32_grads.prepare_reduction()
             with dist_utils.gradient_sync(self.acc.model, enabled=micro_step == last):
                 yield batch
         self.micro_step = None
@@ -298,8 +340,8 @@ class Window:
         loss = float(loss_sum) / self.num_targets if self.num_targets else math.nan
 
         def skip(reason: str, grad_norm: float | None) -> StepStats:
-            if acc.wide is not None:
-                acc.wide.zero()
+            if acc.fp32_grads is not None:
+                acc.fp32_grads.zero()
             acc.optimizer.zero_grad(set_to_none=True)
             acc.num_skipped += 1
             return StepStats(acc.step, loss, self.num_targets, grad_norm, lr, len(self.batches), True, reason)
@@ -307,8 +349,8 @@ class Window:
         if self.num_targets == 0:
             warnings.warn(f"window {self.index} has no target tokens: optimizer step skipped", stacklevel=2)
             return skip("no_targets", None)
-        if acc.wide is not None:  # norm and clipping on the float32 sums, then one cast to bf16
-            grad_norm = acc.wide.flush(acc.max_grad_norm, params)
+        if acc.fp32_grads is not None:  # norm and clipping on the float32 sums, then one cast to bf16
+            grad_norm = acc.fp32_grads.flush(acc.max_grad_norm, params)
         else:
             grad_norm = _clip_grad_norm(params, acc.max_grad_norm, acc._reduction.clip_module)
         if acc.skip_nonfinite and not math.isfinite(grad_norm):
