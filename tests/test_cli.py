@@ -47,14 +47,33 @@ def test_bad_data_names_file_line_and_field(tmp_path, capsys, case):
     (["--dtype", "float16"], "dtype"),
     (["--resume"], "no checkpoint"),
     (["--accumulation-steps", "2", "--batch-size", "8"], "not both"),
+    (["--epochs", "inf"], "--epochs"),
+    (["--lr", "inf"], "--lr"),
+    (["--device", "meta"], "--device meta"),
+    (["--output", "{good}"], "good.jsonl"),
+    (["--output", "{good}/sub"], "good.jsonl"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, fragment):
-    argv = ["train", "--data", str(_good(tmp_path)), "--output", str(tmp_path / "out"), "--no-progress",
-            "--max-steps", "1", *args]
+    good = _good(tmp_path)
+    argv = ["train", "--data", str(good), "--output", str(tmp_path / "out"), "--no-progress",
+            *([] if "--epochs" in args else ["--max-steps", "1"]), *(arg.format(good=good) for arg in args)]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and fragment in err, err
+    assert good.read_text().count("\n") == 8  # an --output naming the data file left it alone
+
+
+def test_lone_surrogate_in_the_data_names_file_and_line(tmp_path, capsys):
+    """JSON may spell a lone UTF-16 surrogate (\\ud800), which no tokenizer can encode."""
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "x \\ud800 y", "completion": "b"}\n')
+    code = main(["train", "--data", str(path), "--output", str(tmp_path / "out"), "--no-progress",
+                 "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "surrogate.jsonl:2" in err and "prompt" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_folder_of_another_run_is_refused(tmp_path, capsys):

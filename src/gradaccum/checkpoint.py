@@ -11,7 +11,8 @@ A checkpoint is a folder `checkpoint-<step>/` holding:
 It is written into `.checkpoint-<step>.tmp/`, every file fsynced, then renamed into
 place, so a kill at any moment leaves either the previous checkpoint or the new one,
 never half of one. `find_latest` verifies checksums and falls back to an older
-checkpoint when the newest is damaged.
+checkpoint when the newest is damaged; `load_latest` also falls back when a checkpoint
+verifies but does not load (a file that was already bad when it was signed).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 MANIFEST = "manifest.json"
+# Every checkpoint holds exactly these; the manifest is built from this list, not from whatever the
+# folder happens to contain, so a file a save forgot cannot make a checkpoint that still verifies.
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +53,22 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import, while the process has a single thread (os.umask sets while it reads).
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def normal_permissions(paths) -> None:
+    """Give files the mode an ordinary `open` would (0644 under umask 022): safetensors writes 0600."""
+    for path in paths:
+        os.chmod(path, _FILE_MODE)
 
 
 def _fsync(path: Path) -> None:
@@ -103,10 +124,10 @@ def save(
         torch.save(training_state, tmp / "optimizer.pt")
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in REQUIRED_FILES}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for name in files + [MANIFEST]:
+        normal_permissions(tmp / name for name in REQUIRED_FILES)
+        for name in (*REQUIRED_FILES, MANIFEST):
             _fsync(tmp / name)
         _fsync(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
@@ -161,8 +182,17 @@ def verify(path: str | Path) -> None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no readable {MANIFEST} ({exc.__class__.__name__})") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: {MANIFEST} has no table of files")
+    for name in files:
+        # Only names inside this folder: a manifest must not make us read (or trust) any other file.
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise CheckpointError(f"{path}: {MANIFEST} lists {name!r}, which is not a plain file name")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{path}: {name} is missing from {MANIFEST}")
     for name, digest in files.items():
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: {name} is missing")
@@ -181,6 +211,36 @@ def find_latest(output_dir: str | Path, warn=print) -> Checkpoint | None:
     return None
 
 
+def load_latest(output_dir: str | Path, restore: Callable[[Path], T], warn=print) -> tuple[Checkpoint, T] | None:
+    """The newest checkpoint that verifies and that `restore(path)` loads, with what `restore` returned.
+
+    Any failure (a checksum, a truncated file, bad JSON, a missing key, a tensor that does not fit) is
+    reported through `warn` and the previous checkpoint is tried; None when none loads. `restore`
+    must load everything it loads from scratch, since a failed attempt may have loaded part of it.
+    """
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        try:
+            verify(checkpoint.path)
+            return checkpoint, restore(checkpoint.path)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, an older checkpoint may load
+            reason = str(exc) if isinstance(exc, CheckpointError) else \
+                f"{checkpoint.path}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            warn(f"skipping damaged checkpoint: {reason}")
+    return None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """state.json of a checkpoint; CheckpointError unless it is a JSON object with an integer step."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: state.json is unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path}: state.json has no integer 'step'")
+    return state
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The model tensors of a checkpoint, by name (tied weights appear once)."""
     return load_file(str(Path(path) / "model.safetensors"))
@@ -190,6 +250,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> tuple[dict[s
     """Load weights into `model` (when given) and RNG; return (training_state, state)."""
     path = Path(path)
     verify(path)
+    state = read_state(path)
     if model is not None:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
@@ -197,5 +258,4 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> tuple[dict[s
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     training_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     set_rng_state(load_file(str(path / "rng.safetensors")))
-    state = json.loads((path / "state.json").read_text())
     return training_state, state

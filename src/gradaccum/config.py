@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -91,13 +92,15 @@ class TrainConfig:
             raise ValueError("give --accumulation-steps or --batch-size, not both")
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("give --max-steps or --epochs, not both")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+        # inf passes `> 0` and nan fails every comparison: both are refused by name here, before
+        # they become an endless schedule or NaN weights.
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise ValueError(f"--epochs must be a finite number > 0, got {self.epochs}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:  # inf: measure, never clip
             raise ValueError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.packing and self.normalize == "samples":
             raise ValueError("--packing needs --normalize tokens: a packed row holds several sequences")
@@ -114,7 +117,9 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its --resume without changing what is trained:
-# how the effective batch is split, where it runs, and how it reports.
-RESUMABLE_CHANGES = {"micro_batch_size", "memory_budget", "accumulation_steps", "device", "fsdp", "resume", "overwrite",
+# how the effective batch is split, where it runs, and how it reports. The effective batch itself
+# (batch_size, or micro x accumulation x world) is checked against the checkpoint's by train.
+RESUMABLE_CHANGES = {"micro_batch_size", "memory_budget", "accumulation_steps", "batch_size", "device", "fsdp",
+                     "resume", "overwrite",
                      "output", "save_every", "keep_checkpoints", "progress", "eval_every", "eval_examples",
                      "max_nonfinite", "chunked_loss"}

@@ -339,10 +339,29 @@ def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge
         model.save_pretrained(out_dir)
         what = "LoRA adapter only"
     else:
-        model.save_pretrained(out_dir, state_dict=state_dict)
+        model.save_pretrained(out_dir, state_dict=None if state_dict is None else _share_tied(model, state_dict))
         what = "full model"
     tokenizer.save_pretrained(out_dir)
+    from .checkpoint import normal_permissions
+
+    normal_permissions(out_dir.glob("*.safetensors"))  # safetensors writes them 0600
     return what
+
+
+def _share_tied(model: nn.Module, state_dict: dict) -> dict:
+    """Make names that share one parameter in `model` share one tensor in `state_dict`.
+
+    A full state dict gathered from FSDP2 shards holds a separate copy per name, so save_pretrained
+    would keep both halves of a tie (e.g. an extra lm_head.weight); with one tensor it drops the tied
+    names exactly as it does for the model's own state dict.
+    """
+    shared = dict(state_dict)
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = first_name.setdefault(id(param), name)
+        if owner != name and owner in shared and name in shared:
+            shared[name] = shared[owner]
+    return shared
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
