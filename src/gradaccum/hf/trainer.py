@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from .. import distributed as dist_utils
@@ -21,6 +22,7 @@ class _State:
     normalize: str
     objective: Objective | None = None
     world_factor: int = 1
+    reduction: dist_utils.GradientReduction | None = None  # how DDP (or nothing) reduces the gradients
     window_targets: int = -1  # global targets of the current window; -1 before the first
     in_training_step: bool = False
     last_loss: torch.Tensor | None = None
@@ -38,14 +40,14 @@ class _ExactMixin:
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         state = self._gradaccum
         if state.objective is None:
-            _check_wrapping(self)
-            state.world_factor = dist_utils.gradient_average_factor(self.model_wrapped)
+            state.reduction = _reduction_of(self)
+            state.world_factor = state.reduction.factor
             state.objective = resolve_objective(self, batches[0] if batches else None, state.normalize,
                                                 _trainer_name(self))
         local = torch.zeros((), dtype=torch.int64)
         for batch in batches:
             local = local + state.objective.count(batch).to("cpu")
-        total = dist_utils.all_reduce_sum(local.to(self.args.device))
+        total = state.reduction.all_reduce_sum(local.to(self.args.device))
         state.window_targets = int(total)
         _guard_optimizer_step(self)
         if state.window_targets == 0 and batches:
@@ -113,14 +115,21 @@ def _guard_optimizer_step(trainer) -> None:
     state.guarded.append(optimizer)
 
 
-def _check_wrapping(trainer) -> None:
-    """At the first window, when the model is wrapped: DDP (or one process), nothing else we cannot verify."""
-    if dist_utils.world_size() > 1 and not dist_utils.averages_gradients(trainer.model_wrapped):
-        raise ValueError(f"make_exact: {dist_utils.world_size()} processes but the model is not wrapped in "
-                         "DistributedDataParallel; launch with torchrun so that Trainer wraps it")
+def _reduction_of(trainer) -> dist_utils.GradientReduction:
+    """At the first window, when the model is wrapped: how its gradients are reduced over ranks; DDP
+    (or one process) only, which we can verify."""
     if getattr(trainer.accelerator, "gradient_accumulation_steps", 1) != 1:
         raise ValueError("make_exact: accelerate's gradient_accumulation_steps must be 1 (Trainer sets it so); "
                          "set the accumulation with TrainingArguments.gradient_accumulation_steps")
+    wrapped = dist_utils.unwrap_compiled(trainer.model_wrapped)
+    if dist_utils.world_size() > 1 and not isinstance(wrapped, DistributedDataParallel):
+        raise ValueError(f"make_exact: {dist_utils.world_size()} processes but the model is a "
+                         f"{type(wrapped).__name__}, not DistributedDataParallel; launch with torchrun so that "
+                         "Trainer wraps it")
+    try:
+        return dist_utils.describe(trainer.model_wrapped)
+    except ValueError as exc:  # e.g. a DDP communication hook that may not average
+        raise ValueError(f"make_exact: {exc}") from exc
 
 
 def _check_supported(trainer) -> None:
