@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from .. import distributed as dist_utils
+from .head import choose_head, chunked_loss_sum
 from .objective import Objective, logits_of
 from .probe import resolve_objective
 
@@ -20,8 +21,11 @@ NORMALIZE_CHOICES = ("tokens", "samples", "auto")
 @dataclass
 class _State:
     normalize: str
+    chunked: bool = True
     objective: Objective | None = None
-    world_factor: int = 1
+    head: torch.nn.Linear | None = None  # the LM head swapped for the chunked loss (None: full logits)
+    head_path: str = ""  # "chunked", or "full logits: <why>"
+    world_factor: float = 1
     reduction: dist_utils.GradientReduction | None = None  # how DDP (or nothing) reduces the gradients
     window_targets: int = -1  # global targets of the current window; -1 before the first
     in_training_step: bool = False
@@ -42,8 +46,9 @@ class _ExactMixin:
         if state.objective is None:
             state.reduction = _reduction_of(self)
             state.world_factor = state.reduction.factor
-            state.objective = resolve_objective(self, batches[0] if batches else None, state.normalize,
-                                                _trainer_name(self))
+            first = batches[0] if batches else None
+            state.objective = resolve_objective(self, first, state.normalize, _trainer_name(self))
+            state.head, state.head_path = choose_head(self, first, state.objective, state.chunked)
         local = torch.zeros((), dtype=torch.int64)
         for batch in batches:
             local = local + state.objective.count(batch).to("cpu")
@@ -84,8 +89,11 @@ class _ExactMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         objective = state.objective
-        outputs = model(**objective.model_inputs(inputs))
-        summed = objective.loss_sum(logits_of(outputs), inputs)
+        if state.head is not None:  # the model's forward with the chunked LM-head loss: no full logits
+            summed, outputs = chunked_loss_sum(model, state.head, objective, inputs)
+        else:
+            outputs = model(**objective.model_inputs(inputs))
+            summed = objective.loss_sum(logits_of(outputs), inputs)
         loss = summed * (state.world_factor / state.window_targets)
         state.last_loss = loss.detach()
         return (loss, outputs) if return_outputs else loss
@@ -176,27 +184,33 @@ def _exact_class(cls: type) -> type:
     return _EXACT_CLASSES[cls]
 
 
-def _set_up(trainer, normalize: str) -> None:
+def _set_up(trainer, normalize: str, chunked: bool) -> None:
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"make_exact: normalize must be one of {', '.join(NORMALIZE_CHOICES)}; got {normalize!r}")
+    if not isinstance(chunked, bool):
+        raise ValueError(f"make_exact: chunked must be True or False; got {chunked!r}")
     _check_supported(trainer)
-    trainer._gradaccum = _State(normalize=normalize)
+    trainer._gradaccum = _State(normalize=normalize, chunked=chunked)
     trainer.loss_is_scaled_for_ga = True
 
 
-def make_exact(trainer, normalize: str = "auto"):
+def make_exact(trainer, normalize: str = "auto", chunked: bool = True):
     """Patch `trainer` (transformers.Trainer or a subclass, TRL's SFTTrainer included) in place so that
     every optimizer step is exactly the big batch; returns the same object.
 
     normalize: "tokens" (the mean over the window's target tokens, what HF trains), "samples" (the
     mean over sequences of each sequence's token mean), or "auto" (tokens for token-level heads; one
-    target per label for sequence classification/regression). Raises ValueError for what it cannot
-    make exact (see `_check_supported`); the loss itself is checked at the first window.
+    target per label for sequence classification/regression). chunked: for plain causal LMs (Llama,
+    Mistral, Qwen2/3, Phi, Gemma 1, OLMo, ... see `losses._chunkable_parts`), bare or with LoRA, the
+    training loss comes from a chunked LM head that never builds the [tokens, vocab] logits; other
+    models, and chunked=False, use the full logits (`trainer._gradaccum.head_path` says which).
+    Raises ValueError for what it cannot make exact (see `_check_supported`); the loss itself is
+    checked at the first window.
     """
     if not isinstance(trainer, Trainer):
         raise ValueError(f"make_exact: expected a transformers.Trainer (or subclass) instance, got "
                          f"{type(trainer).__name__}")
-    _set_up(trainer, normalize)
+    _set_up(trainer, normalize, chunked)
     trainer.__class__ = _exact_class(type(trainer))
     return trainer
 
@@ -204,9 +218,9 @@ def make_exact(trainer, normalize: str = "auto"):
 class ExactTrainer(_ExactMixin, Trainer):
     """transformers.Trainer whose gradient accumulation is exactly the big batch, for any model.
 
-    Takes Trainer's arguments plus normalize ("auto", "tokens" or "samples"; see `make_exact`).
+    Takes Trainer's arguments plus normalize ("auto", "tokens" or "samples") and chunked (see `make_exact`).
     """
 
-    def __init__(self, *args, normalize: str = "auto", **kwargs):
+    def __init__(self, *args, normalize: str = "auto", chunked: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        _set_up(self, normalize)
+        _set_up(self, normalize, chunked)
