@@ -26,6 +26,8 @@ def main(model_name: str, out: Path) -> None:
         model, _, trainer = train(initial, data, out / name, 2, 2, exact=exact, ddp_backend="gloo")
         result[name] = [p.clone() for p in params(model)]
         result[f"{name}_losses"] = logged_losses(trainer)
+        if exact:
+            result["head_path"] = trainer._gradaccum.head_path
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, out / "result.pt")
     torch.distributed.barrier()

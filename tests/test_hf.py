@@ -129,18 +129,18 @@ def sgd(model, lr=LR):
 
 
 def train(initial, data, tmp_path, micro_batch_size: int, accumulation_steps: int, exact: bool | str = True,
-          optimizer=sgd, data_collator=collate, trainer_class=Trainer, normalize="auto", **overrides):
+          optimizer=sgd, data_collator=collate, trainer_class=Trainer, normalize="auto", chunked=True, **overrides):
     """Train a copy of `initial`; exact=True: make_exact, "class": ExactTrainer, False: the plain trainer."""
     model = copy.deepcopy(initial)
     args = training_args(tmp_path, micro_batch_size, accumulation_steps, **overrides)
     kwargs = dict(model=model, args=args, train_dataset=data, data_collator=data_collator,
                   optimizers=(optimizer(model), None))
     if exact == "class":
-        trainer = ExactTrainer(normalize=normalize, **kwargs)
+        trainer = ExactTrainer(normalize=normalize, chunked=chunked, **kwargs)
     else:
         trainer = trainer_class(**kwargs)
         if exact:
-            make_exact(trainer, normalize=normalize)
+            make_exact(trainer, normalize=normalize, chunked=chunked)
     trainer.train()
     return model, logged_losses(trainer), trainer
 
@@ -206,6 +206,7 @@ def test_lm_exact_where_plain_trainer_departs(tmp_path, name):
     assert relative_error(exact, big, initial) <= 1e-9
     # make_exact's big batch is the model's own loss (HF's causal-LM loss rounds through float32).
     assert trainer._gradaccum.objective.shift == (name in ("llama", "gpt2", "peft"))
+    assert (trainer._gradaccum.head_path == "chunked") == (name in ("llama", "peft")), trainer._gradaccum.head_path
     assert relative_error(big, own, initial) <= 1e-6
     assert close_losses(exact_losses, own_losses) and len(exact_losses) == 2
     plain_error = relative_error(plain, own, initial)
@@ -214,6 +215,49 @@ def test_lm_exact_where_plain_trainer_departs(tmp_path, name):
     else:
         assert plain_error > LMS[name]
         assert not close_losses(plain_losses, own_losses, tol=1e-3)
+
+
+class CountlessTrainer(Trainer):
+    """Trainer as for a model whose forward takes no **kwargs: no count reaches the loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+
+@pytest.mark.parametrize("name", ["llama", "peft"])
+def test_chunked_lm_head_never_builds_training_logits(tmp_path, monkeypatch, name):
+    """Llama (and Llama with LoRA): the training loss comes from the chunked head inside the model's
+    forward; the LM head never projects the hidden states onto the vocabulary with a gradient. The
+    result is the big batch of the full-logits path, and of the model's own loss."""
+    initial, data = causal_lm(name), lm_examples()
+    head_type = type(initial.get_output_embeddings())
+    full_projections = []  # (shape of the hidden states, grad enabled) of every call of the real head
+    linear_forward = torch.nn.Linear.forward
+
+    def recording(self, hidden):
+        if self.out_features == VOCAB and type(self) is head_type:
+            full_projections.append((tuple(hidden.shape), torch.is_grad_enabled()))
+        return linear_forward(self, hidden)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    exact, exact_losses, trainer = train(initial, data, tmp_path, 2, 4)
+    assert trainer._gradaccum.head_path == "chunked"
+    assert full_projections and not any(grad for _, grad in full_projections)  # only the first window's probe
+    assert all(shape[0] == 1 for shape, _ in full_projections)  # the probe's one row
+
+    full_projections.clear()
+    big, _, full_trainer = train(initial, data, tmp_path, 8, 1, chunked=False)
+    assert full_trainer._gradaccum.head_path == "full logits: chunked=False"
+    assert sum(grad for _, grad in full_projections) == 2  # the control: one full projection per window
+    monkeypatch.undo()
+
+    own, own_losses = own_loss_reference(initial, data, 8)
+    countless, _, _ = train(initial, data, tmp_path, 2, 4, exact=False, trainer_class=CountlessTrainer)
+    assert relative_error(exact, big, initial) <= 1e-9
+    assert relative_error(exact, own, initial) <= 1e-6  # HF's causal-LM loss rounds through float32
+    assert close_losses(exact_losses, own_losses)
+    assert relative_error(countless, own, initial) > 0.1  # the mean of micro-batch means
 
 
 def seq_examples(problem_type: str, num_labels: int):
@@ -277,7 +321,8 @@ def test_label_smoothing_is_exact(tmp_path):
     data = lm_examples()
     smoother = LabelSmoother(epsilon=0.1)
     big, _, _ = train(initial, data, tmp_path, 8, 1, label_smoothing_factor=0.1)
-    exact, _, _ = train(initial, data, tmp_path, 2, 4, label_smoothing_factor=0.1)
+    exact, _, trainer = train(initial, data, tmp_path, 2, 4, label_smoothing_factor=0.1)
+    assert trainer._gradaccum.head_path == "full logits: label smoothing needs the whole softmax"
     own, _ = own_loss_reference(initial, data, 8, loss_of=lambda model, batch: smoother(
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"],
         shift_labels=True))
@@ -433,7 +478,7 @@ def test_sft_trainer_exact(tmp_path, sft_model, mode):
     kind, overrides = SFT_MODES[mode]
     big, big_losses, _ = sft_train(initial, tokenizer, kind, tmp_path, 8, 1, **overrides)
     exact, exact_losses, trainer = sft_train(initial, tokenizer, kind, tmp_path, 2, 4, **overrides)
-    assert trainer._gradaccum.objective.shift
+    assert trainer._gradaccum.objective.shift and trainer._gradaccum.head_path == "chunked"
     assert relative_error(exact, big, initial) <= 1e-9
     assert close_losses(exact_losses, big_losses)
     if mode == "completion_only":

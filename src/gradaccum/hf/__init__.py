@@ -17,7 +17,9 @@ make_exact stops relying on the model's forward. Per window of micro-batches it
    window of an epoch and resuming mid-epoch are Trainer's), summed over ranks, before any forward;
 2. in `compute_loss` (training only) runs the model *without* labels and takes the summed loss of
    its logits, divided by that count and multiplied by the world size under DDP, which averages;
-   `training_step` is told the loss is already scaled, so Trainer divides by nothing;
+   `training_step` is told the loss is already scaled, so Trainer divides by nothing. For plain
+   causal LMs the LM head is swapped, for that forward, for a chunked cross-entropy that never
+   builds the [tokens, vocab] logits (`head.py`); other models use the full logits;
 3. skips a window without targets: no forward, no optimizer or scheduler step, no log line.
 
 Which loss is "the big batch" is the trainer's own, and make_exact checks it rather than assuming

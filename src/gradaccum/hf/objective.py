@@ -78,6 +78,19 @@ class Objective:
                                           return_counts=True)
         return (terms / counts[inverse].to(terms.dtype)).sum()
 
+    def targets(self, batch: dict):
+        """Token level: (rows, cols, targets, weights) of the target positions in the aligned frame
+        (shifted: position t of the logits predicts label t + 1); weights are None for "tokens", and
+        1 / (targets of its sequence) for "samples", whose weighted sum is `loss_sum`."""
+        labels = self._aligned(None, batch["labels"])[1]
+        mask = labels != IGNORE_INDEX
+        rows, cols = mask.nonzero(as_tuple=True)
+        weights = None
+        if self.normalize == "samples":
+            _, inverse, counts = torch.unique(self._segments(batch)[mask], return_inverse=True, return_counts=True)
+            weights = 1.0 / counts[inverse].to(torch.float64)
+        return rows, cols, labels[rows, cols], weights
+
     def mean(self, logits: torch.Tensor, batch: dict) -> float:
         """The loss of one batch on its own (what the trainer computes without a count); nan without targets."""
         count = int(self.count(batch))

@@ -1,7 +1,8 @@
 """Which objective a trainer trains: checked on its own loss once, before the first window.
 
-The trainer's own loss of one micro-batch (its `compute_loss` without a count, eval mode, no
-grad) is compared with the candidates computed from the logits: the token mean with the causal
+The trainer's own loss of the first micro-batch (its `compute_loss` without a count, eval mode, no
+grad; its row with the most targets, where rows can be cut apart, so that the probe holds one row of
+logits at a time) is compared with the candidates computed from the logits: the token mean with the causal
 shift, without it (encoder-decoders; BART/XLNet-style heads that expect shifted labels), with
 the label smoothing of the arguments, or the sequence-level loss of the head's problem type. One
 crafted label, placed where the two alignments disagree most, settles the shift. A loss that
@@ -60,6 +61,22 @@ def _probing(trainer, model):
             trainer._metrics = metrics
 
 
+def one_row(inputs: dict) -> dict:
+    """The micro-batch's row with the most targets, as a batch of one, where every tensor in it has a
+    row per sequence (padded batches); the whole micro-batch otherwise (e.g. padding-free rows with
+    flash-attention lengths). The probe then holds one row of logits, not the micro-batch's."""
+    labels = inputs.get("labels")
+    if not torch.is_tensor(labels) or labels.dim() == 0 or labels.shape[0] <= 1:
+        return inputs
+    rows = labels.shape[0]
+    if any(torch.is_tensor(v) and (v.dim() == 0 or v.shape[0] != rows) for v in inputs.values()):
+        return inputs
+    targets = torch.ones(rows) if labels.is_floating_point() else \
+        (labels != IGNORE_INDEX).reshape(rows, -1).sum(dim=1)
+    row = int(targets.argmax())
+    return {k: v[row:row + 1] if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
 def _own_loss(trainer, model, inputs: dict) -> float:
     """The trainer's own loss of one micro-batch, as it trains it with no accumulation."""
     loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=None)
@@ -81,24 +98,26 @@ def _verdicts(trainer, model, inputs: dict, normalize: str) -> tuple[list[Object
     with _probing(trainer, model):
         logits = logits_of(model(**base.model_inputs(inputs)))
         candidates = candidates_for(inner, logits, inputs["labels"], normalize, base)
-        checks = [(_own_loss(trainer, model, inputs), inputs)]
+        probes = [inputs]
         crafted = _crafted_labels(logits, inputs["labels"]) if len(candidates) == 2 else None
         if crafted is not None:  # one target where the two alignments disagree most
-            crafted_inputs = {**inputs, "labels": crafted}
-            checks.append((_own_loss(trainer, model, crafted_inputs), crafted_inputs))
-        flags = torch.zeros(2, dtype=torch.int64)
-        report = "its own loss " + ", ".join(f"{own:.6g}" for own, _ in checks)
-        for candidate in candidates:
-            # Checked as the token mean: normalize="samples" is the user's choice, not the trainer's loss.
-            as_trained = replace(candidate, normalize="tokens") if candidate.level == "token" else candidate
-            values = [as_trained.mean(logits, probe) for _, probe in checks]
-            # A micro-batch without targets has no loss to compare (nan); the crafted labels always have one.
-            flags[0 if candidate.shift else 1] = int(all(
-                _close(own, value, logits.dtype) or (math.isnan(value) and probe is inputs)
-                for (own, probe), value in zip(checks, values)))
-            what = "sequence-level loss" if candidate.level == "sequence" else \
-                f"token mean {'with' if candidate.shift else 'without'} the causal shift"
-            report += f"; {what}: " + ", ".join(f"{value:.6g}" for value in values)
+            probes.append({**inputs, "labels": crafted})
+        # Checked as the token mean: normalize="samples" is the user's choice, not the trainer's loss.
+        values = [[(replace(c, normalize="tokens") if c.level == "token" else c).mean(logits, probe)
+                   for probe in probes] for c in candidates]
+        dtype = logits.dtype
+        del logits  # freed before the trainer's own forward: the probe holds one set of logits at a time
+        owns = [_own_loss(trainer, model, probe) for probe in probes]
+    flags = torch.zeros(2, dtype=torch.int64)
+    report = "its own loss " + ", ".join(f"{own:.6g}" for own in owns)
+    for candidate, candidate_values in zip(candidates, values):
+        # A micro-batch without targets has no loss to compare (nan); the crafted labels always have one.
+        flags[0 if candidate.shift else 1] = int(all(
+            _close(own, value, dtype) or (math.isnan(value) and probe is inputs)
+            for own, value, probe in zip(owns, candidate_values, probes)))
+        what = "sequence-level loss" if candidate.level == "sequence" else \
+            f"token mean {'with' if candidate.shift else 'without'} the causal shift"
+        report += f"; {what}: " + ", ".join(f"{value:.6g}" for value in candidate_values)
     return candidates, flags, report
 
 
@@ -108,7 +127,7 @@ def resolve_objective(trainer, batch: dict | None, normalize: str, trainer_name:
     candidates, report = [], "no micro-batch on this rank"
     flags = torch.ones(2, dtype=torch.int64)  # a rank with no batch agrees with the others
     if batch is not None:
-        candidates, flags, report = _verdicts(trainer, model, trainer._prepare_inputs(batch), normalize)
+        candidates, flags, report = _verdicts(trainer, model, one_row(trainer._prepare_inputs(batch)), normalize)
     if dist_utils.is_distributed():
         flags = flags.to(trainer.args.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)

@@ -7,9 +7,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from .. import distributed as dist_utils
+from .head import choose_head, chunked_loss_sum
 from .objective import Objective, logits_of
 from .probe import resolve_objective
 
@@ -19,8 +21,12 @@ NORMALIZE_CHOICES = ("tokens", "samples", "auto")
 @dataclass
 class _State:
     normalize: str
+    chunked: bool = True
     objective: Objective | None = None
-    world_factor: int = 1
+    head: torch.nn.Linear | None = None  # the LM head swapped for the chunked loss (None: full logits)
+    head_path: str = ""  # "chunked", or "full logits: <why>"
+    world_factor: float = 1
+    reduction: dist_utils.GradientReduction | None = None  # how DDP (or nothing) reduces the gradients
     window_targets: int = -1  # global targets of the current window; -1 before the first
     in_training_step: bool = False
     last_loss: torch.Tensor | None = None
@@ -38,14 +44,15 @@ class _ExactMixin:
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         state = self._gradaccum
         if state.objective is None:
-            _check_wrapping(self)
-            state.world_factor = dist_utils.gradient_average_factor(self.model_wrapped)
-            state.objective = resolve_objective(self, batches[0] if batches else None, state.normalize,
-                                                _trainer_name(self))
+            state.reduction = _reduction_of(self)
+            state.world_factor = state.reduction.factor
+            first = batches[0] if batches else None
+            state.objective = resolve_objective(self, first, state.normalize, _trainer_name(self))
+            state.head, state.head_path = choose_head(self, first, state.objective, state.chunked)
         local = torch.zeros((), dtype=torch.int64)
         for batch in batches:
             local = local + state.objective.count(batch).to("cpu")
-        total = dist_utils.all_reduce_sum(local.to(self.args.device))
+        total = state.reduction.all_reduce_sum(local.to(self.args.device))
         state.window_targets = int(total)
         _guard_optimizer_step(self)
         if state.window_targets == 0 and batches:
@@ -82,8 +89,11 @@ class _ExactMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         objective = state.objective
-        outputs = model(**objective.model_inputs(inputs))
-        summed = objective.loss_sum(logits_of(outputs), inputs)
+        if state.head is not None:  # the model's forward with the chunked LM-head loss: no full logits
+            summed, outputs = chunked_loss_sum(model, state.head, objective, inputs)
+        else:
+            outputs = model(**objective.model_inputs(inputs))
+            summed = objective.loss_sum(logits_of(outputs), inputs)
         loss = summed * (state.world_factor / state.window_targets)
         state.last_loss = loss.detach()
         return (loss, outputs) if return_outputs else loss
@@ -113,14 +123,21 @@ def _guard_optimizer_step(trainer) -> None:
     state.guarded.append(optimizer)
 
 
-def _check_wrapping(trainer) -> None:
-    """At the first window, when the model is wrapped: DDP (or one process), nothing else we cannot verify."""
-    if dist_utils.world_size() > 1 and not dist_utils.averages_gradients(trainer.model_wrapped):
-        raise ValueError(f"make_exact: {dist_utils.world_size()} processes but the model is not wrapped in "
-                         "DistributedDataParallel; launch with torchrun so that Trainer wraps it")
+def _reduction_of(trainer) -> dist_utils.GradientReduction:
+    """At the first window, when the model is wrapped: how its gradients are reduced over ranks; DDP
+    (or one process) only, which we can verify."""
     if getattr(trainer.accelerator, "gradient_accumulation_steps", 1) != 1:
         raise ValueError("make_exact: accelerate's gradient_accumulation_steps must be 1 (Trainer sets it so); "
                          "set the accumulation with TrainingArguments.gradient_accumulation_steps")
+    wrapped = dist_utils.unwrap_compiled(trainer.model_wrapped)
+    if dist_utils.world_size() > 1 and not isinstance(wrapped, DistributedDataParallel):
+        raise ValueError(f"make_exact: {dist_utils.world_size()} processes but the model is a "
+                         f"{type(wrapped).__name__}, not DistributedDataParallel; launch with torchrun so that "
+                         "Trainer wraps it")
+    try:
+        return dist_utils.describe(trainer.model_wrapped)
+    except ValueError as exc:  # e.g. a DDP communication hook that may not average
+        raise ValueError(f"make_exact: {exc}") from exc
 
 
 def _check_supported(trainer) -> None:
@@ -167,27 +184,33 @@ def _exact_class(cls: type) -> type:
     return _EXACT_CLASSES[cls]
 
 
-def _set_up(trainer, normalize: str) -> None:
+def _set_up(trainer, normalize: str, chunked: bool) -> None:
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"make_exact: normalize must be one of {', '.join(NORMALIZE_CHOICES)}; got {normalize!r}")
+    if not isinstance(chunked, bool):
+        raise ValueError(f"make_exact: chunked must be True or False; got {chunked!r}")
     _check_supported(trainer)
-    trainer._gradaccum = _State(normalize=normalize)
+    trainer._gradaccum = _State(normalize=normalize, chunked=chunked)
     trainer.loss_is_scaled_for_ga = True
 
 
-def make_exact(trainer, normalize: str = "auto"):
+def make_exact(trainer, normalize: str = "auto", chunked: bool = True):
     """Patch `trainer` (transformers.Trainer or a subclass, TRL's SFTTrainer included) in place so that
     every optimizer step is exactly the big batch; returns the same object.
 
     normalize: "tokens" (the mean over the window's target tokens, what HF trains), "samples" (the
     mean over sequences of each sequence's token mean), or "auto" (tokens for token-level heads; one
-    target per label for sequence classification/regression). Raises ValueError for what it cannot
-    make exact (see `_check_supported`); the loss itself is checked at the first window.
+    target per label for sequence classification/regression). chunked: for plain causal LMs (Llama,
+    Mistral, Qwen2/3, Phi, Gemma 1, OLMo, ... see `losses._chunkable_parts`), bare or with LoRA, the
+    training loss comes from a chunked LM head that never builds the [tokens, vocab] logits; other
+    models, and chunked=False, use the full logits (`trainer._gradaccum.head_path` says which).
+    Raises ValueError for what it cannot make exact (see `_check_supported`); the loss itself is
+    checked at the first window.
     """
     if not isinstance(trainer, Trainer):
         raise ValueError(f"make_exact: expected a transformers.Trainer (or subclass) instance, got "
                          f"{type(trainer).__name__}")
-    _set_up(trainer, normalize)
+    _set_up(trainer, normalize, chunked)
     trainer.__class__ = _exact_class(type(trainer))
     return trainer
 
@@ -195,9 +218,9 @@ def make_exact(trainer, normalize: str = "auto"):
 class ExactTrainer(_ExactMixin, Trainer):
     """transformers.Trainer whose gradient accumulation is exactly the big batch, for any model.
 
-    Takes Trainer's arguments plus normalize ("auto", "tokens" or "samples"; see `make_exact`).
+    Takes Trainer's arguments plus normalize ("auto", "tokens" or "samples") and chunked (see `make_exact`).
     """
 
-    def __init__(self, *args, normalize: str = "auto", **kwargs):
+    def __init__(self, *args, normalize: str = "auto", chunked: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        _set_up(self, normalize)
+        _set_up(self, normalize, chunked)
