@@ -89,6 +89,7 @@ class Accumulator:
             raise ValueError(f"normalize must be 'tokens' or 'samples', got {normalize!r}")
         if accumulation not in ("exact", "naive"):
             raise ValueError(f"accumulation must be 'exact' or 'naive', got {accumulation!r}")
+        _refuse_accelerate_accumulation(optimizer)
         self.model = model
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
@@ -357,12 +358,27 @@ class Window:
             warnings.warn(f"window {self.index}: gradient norm is {grad_norm}: optimizer step skipped",
                           stacklevel=2)
             return skip("nonfinite", grad_norm)
+        gradient_state = getattr(acc.optimizer, "gradient_state", None)  # Accelerate's AcceleratedOptimizer
+        if gradient_state is not None and not gradient_state.sync_gradients:
+            # Inside accelerator.accumulate() its step() is a silent no-op: the window would be lost.
+            raise RuntimeError("window.step() inside accelerator.accumulate(): Accelerate would skip the "
+                               "optimizer step; do not wrap the Accumulator's loop in accelerator.accumulate()")
         acc.optimizer.step()
         if acc.scheduler is not None:
             acc.scheduler.step()
         acc.optimizer.zero_grad(set_to_none=True)
         acc.step += 1
         return StepStats(acc.step, loss, self.num_targets, grad_norm, lr, len(self.batches))
+
+
+def _refuse_accelerate_accumulation(optimizer: Any) -> None:
+    """Accelerate's own accumulation divides the loss by its K and skips steps: two accumulators in one loop."""
+    gradient_state = getattr(optimizer, "gradient_state", None)
+    num_steps = getattr(gradient_state, "num_steps", 1) if gradient_state is not None else 1
+    if num_steps != 1:
+        raise ValueError(f"the optimizer comes from an Accelerator with gradient_accumulation_steps={num_steps}: "
+                         "Accelerate would divide each loss by it and skip optimizer steps; create the "
+                         "Accelerator with gradient_accumulation_steps=1 and let the Accumulator accumulate")
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None, fsdp1_root: Any = None) -> float:
