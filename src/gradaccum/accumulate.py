@@ -111,6 +111,7 @@ class Accumulator:
         self.num_skipped = 0  # windows whose optimizer step was skipped
         self.fp32_grads = self._fp32_accumulation(accumulate_dtype)
         self._loop: object | None = None  # the running windows() loop; a newer one or close() ends it
+        self._warned_batch_statistics = False
 
     def _fp32_accumulation(self, accumulate_dtype: torch.dtype | str | None) -> FP32GradAccumulation | None:
         """Float32 sums for bf16/fp16 parameters' gradients (one rounding per window, not K).
@@ -144,9 +145,18 @@ class Accumulator:
         if self.count_fn is not None:
             return int(self.count_fn(batch))
         labels = default_labels(batch)
+        self._check_shift(labels)
         if self.normalize == "samples":
             return count_target_sequences(labels, self.ignore_index, self.shift_labels)
         return count_targets(labels, self.ignore_index, self.shift_labels)
+
+    def _check_shift(self, labels: torch.Tensor) -> None:
+        # Labels of shape [batch] are one class per sample; the causal shift would silently
+        # drop the first sample of every micro-batch from the count and the loss.
+        if self.shift_labels and labels.dim() < 2:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} hold one target per sample (class ids), "
+                             "but shift_labels=True shifts them as token sequences: pass shift_labels=False "
+                             "to Accumulator")
 
     def _collective_device(self) -> torch.device:
         # NCCL only reduces CUDA tensors; gloo and single-process are happy on the CPU.
@@ -181,6 +191,7 @@ class Accumulator:
         (two Accumulators) are refused with a ValueError; a newer loop of the same Accumulator ends
         the older one.
         """
+        self._warn_batch_statistics()
         fp32 = self.fp32_grads
         if fp32 is not None:
             fp32.attach()  # empty sums; refuses parameters another live loop accumulates
@@ -200,6 +211,27 @@ class Accumulator:
             windows.close()
             if self._loop is loop:
                 self.close()
+
+    def _warn_batch_statistics(self) -> None:
+        # Checked when a loop starts, not in __init__: model.train() / .eval() usually come later.
+        if self._warned_batch_statistics:
+            return
+        across_ranks = self._sync and self._reduction.num_ranks > 1
+        names = batch_statistics_layers(self.model, self.accumulation_steps > 1, across_ranks)
+        if not names:
+            return
+        self._warned_batch_statistics = True
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        seen = (f"one micro-batch (accumulation_steps={self.accumulation_steps})" if self.accumulation_steps > 1
+                else "one rank's share of the batch (no SyncBatchNorm)")
+        warnings.warn(
+            f"the model has BatchNorm layers that normalise with the statistics of the batch they are given "
+            f"({shown}); each sees {seen}, not the whole window, so no gradient accumulation (exact included) "
+            "reproduces the big batch through them, and their running statistics are updated once per "
+            "micro-batch. For an exact big batch use GroupNorm or LayerNorm, or keep the BatchNorm layers in "
+            "eval mode (frozen running statistics: call .eval() on them after model.train())",
+            stacklevel=3,
+        )
 
     def close(self) -> None:
         """End the running windows() loop's float32 hooks and sums (also on leaving a `with` block)."""
@@ -298,6 +330,7 @@ class Window:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This micro-batch's exact share of the window loss, ready for `.backward()`."""
         acc = self.acc
+        acc._check_shift(labels)
         if acc.normalize == "samples":
             summed = sequence_mean_sum(logits, labels, acc.ignore_index, acc.shift_labels)
             num_local = count_target_sequences(labels, acc.ignore_index, acc.shift_labels)
@@ -379,6 +412,26 @@ def _refuse_accelerate_accumulation(optimizer: Any) -> None:
         raise ValueError(f"the optimizer comes from an Accelerator with gradient_accumulation_steps={num_steps}: "
                          "Accelerate would divide each loss by it and skip optimizer steps; create the "
                          "Accelerator with gradient_accumulation_steps=1 and let the Accumulator accumulate")
+
+
+def batch_statistics_layers(model: nn.Module, per_micro_batch: bool = True,
+                            across_ranks: bool = False) -> list[str]:
+    """Names of the BatchNorm layers whose forward normalises with the statistics of its own batch.
+
+    That is any `_BatchNorm` in training mode, or in eval mode without running statistics
+    (track_running_stats=False). Accumulation splits that batch into micro-batches
+    (`per_micro_batch`); data parallelism splits it into ranks (`across_ranks`), which
+    SyncBatchNorm alone joins up again.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if not (module.training or module.running_mean is None):
+            continue
+        if per_micro_batch or (across_ranks and not isinstance(module, nn.SyncBatchNorm)):
+            names.append(f"{name or 'model'}: {type(module).__name__}")
+    return names
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None, fsdp1_root: Any = None) -> float:
