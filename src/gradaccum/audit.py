@@ -47,6 +47,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = [
     "AuditConfig",
     "AuditResult",
@@ -106,23 +108,23 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ValueError(f"--batch-size must be an integer >= 2 (the full batch to split), got {self.batch_size!r}")
+            raise ConfigError(f"--batch-size must be an integer >= 2 (the full batch to split), got {self.batch_size!r}")
         self.micro_batch_sizes = _parse_micro_batch_sizes(self.micro_batch_sizes, self.batch_size)
         for name in ("steps", "max_length", "lora_r"):
             value = getattr(self, name)
             if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+            raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 shown = ", ".join(str(c) for c in choices if c is not None)
-                raise ValueError(f"--{f.name.replace('_', '-')}: unknown value {getattr(self, f.name)!r} "
+                raise ConfigError(f"--{f.name.replace('_', '-')}: unknown value {getattr(self, f.name)!r} "
                                  f"(choose from {shown})")
 
 
@@ -136,17 +138,17 @@ def _parse_micro_batch_sizes(value: Any, batch_size: int) -> list[int]:
             try:
                 sizes.append(int(str(item).strip()))
             except ValueError:
-                raise ValueError(f"--micro-batch-sizes: {str(item).strip()!r} is not an integer "
+                raise ConfigError(f"--micro-batch-sizes: {str(item).strip()!r} is not an integer "
                                  f"(expected e.g. 1,2,4)") from None
     if not sizes:
-        raise ValueError("--micro-batch-sizes: no sizes given")
+        raise ConfigError("--micro-batch-sizes: no sizes given")
     for size in sizes:
         if size < 1 or batch_size % size:
-            raise ValueError(f"--micro-batch-sizes: {size} does not divide --batch-size {batch_size}")
+            raise ConfigError(f"--micro-batch-sizes: {size} does not divide --batch-size {batch_size}")
     # m = B is the full batch itself: it is always run, as the reference.
     sizes = sorted(set(size for size in sizes if size != batch_size))
     if not sizes:
-        raise ValueError(f"--micro-batch-sizes: give at least one size below --batch-size {batch_size}")
+        raise ConfigError(f"--micro-batch-sizes: give at least one size below --batch-size {batch_size}")
     return sizes
 
 
@@ -325,7 +327,7 @@ def run(config: AuditConfig | None = None, **kwargs: Any) -> AuditResult:
     if config is None:
         config = AuditConfig(**kwargs)
     elif kwargs:
-        raise ValueError("pass an AuditConfig or keyword arguments, not both")
+        raise ConfigError("pass an AuditConfig or keyword arguments, not both")
     # The audit prints one line per run; transformers' own load/save bars would bury them.
     with _no_progress_bars():
         return _run(config)
@@ -349,7 +351,7 @@ def _run(config: AuditConfig) -> AuditResult:
     say = print if config.progress else (lambda *_: None)
     if config.against == "hf-trainer" and importlib.util.find_spec("accelerate") is None:
         # Found out now rather than after every other run has finished.
-        raise ValueError("--against hf-trainer needs accelerate for transformers.Trainer: "
+        raise ConfigError("--against hf-trainer needs accelerate for transformers.Trainer: "
                          "pip install 'gradaccum[hf]'")
     output = _prepare_output(config)
 
@@ -360,7 +362,7 @@ def _run(config: AuditConfig) -> AuditResult:
     examples, data_path = _tokenized(config, tokenizer)
     num_examples, batch_size = len(examples), config.batch_size
     if num_examples < batch_size:
-        raise ValueError(f"--batch-size {batch_size} exceeds the {num_examples} examples in {data_path}")
+        raise ConfigError(f"--batch-size {batch_size} exceeds the {num_examples} examples in {data_path}")
     lengths = [len(example.input_ids) for example in examples]
     targets = [_num_targets(example) for example in examples]
     windows = _trained_windows(num_examples, batch_size, config.seed, config.steps)
@@ -473,7 +475,7 @@ def _first_step_gradients(model, config: AuditConfig, examples, window, lengths,
         other = copy.deepcopy(model).to(other_dtype)
         other_gradient, _ = gradient(batch_size, "exact", of=other)
     except torch.OutOfMemoryError:
-        raise ValueError(f"audit: the gate measures this run's rounding on a {other_dtype} copy of the model and "
+        raise ConfigError(f"audit: the gate measures this run's rounding on a {other_dtype} copy of the model and "
                          f"one full batch of {batch_size} on {device}, which does not fit; use a smaller "
                          "--batch-size or --device cpu") from None
     del other
@@ -498,10 +500,10 @@ def _first_step_gradients(model, config: AuditConfig, examples, window, lengths,
 def _prepare_output(config: AuditConfig) -> Path:
     output = Path(config.output or f"runs/audit-{datetime.now():%Y%m%d-%H%M%S}")
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file")
+        raise ConfigError(f"--output {output} is a file")
     if output.is_dir() and any(output.iterdir()) and not ((output / "report.json").exists()
                                                           or (output / "runs").is_dir()):
-        raise ValueError(f"--output {output}/ holds something other than an audit; use another folder")
+        raise ConfigError(f"--output {output}/ holds something other than an audit; use another folder")
     (output / "runs").mkdir(parents=True, exist_ok=True)
     return output
 
@@ -517,7 +519,7 @@ def _build_model(config: AuditConfig, device: torch.device):
     if config.lora:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha)
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"--model {config.model}: its tokenizer has no pad token")
+        raise ConfigError(f"--model {config.model}: its tokenizer has no pad token")
     return model.to(device), tokenizer
 
 

@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from .config import TrainConfig
+from .errors import GradaccumError
 
 
 def _use_huge_pages_for_large_tensors() -> None:
@@ -81,9 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .checkpoint import CheckpointError
-    from .train import TrainingError
-
     try:
         if args.command == "train":
             from .train import train
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         from .audit import main as audit_main
 
         return audit_main(args)
-    except (ValueError, TrainingError, CheckpointError, FileNotFoundError) as exc:
+    except GradaccumError as exc:  # the user's mistake; anything else is our bug: a traceback
         if os.environ.get("GRADACCUM_DEBUG"):
             raise
         print(f"gradaccum {args.command}: error: {exc}", file=sys.stderr)

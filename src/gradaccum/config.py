@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import ConfigError
+
 DTYPES = ("float32", "bfloat16", "float64")
 
 
@@ -67,49 +69,49 @@ class TrainConfig:
                 try:
                     self.micro_batch_size = int(self.micro_batch_size)
                 except ValueError:
-                    raise ValueError(f"--micro-batch-size must be a positive integer or 'auto', "
+                    raise ConfigError(f"--micro-batch-size must be a positive integer or 'auto', "
                                      f"got {self.micro_batch_size!r}") from None
         if self.micro_batch_size != "auto" and self.micro_batch_size < 1:
-            raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+            raise ConfigError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.micro_batch_size == "auto" and self.batch_size is None:
-            raise ValueError("--micro-batch-size auto needs --batch-size")
+            raise ConfigError("--micro-batch-size auto needs --batch-size")
         if self.memory_budget is not None:
             from .memory import parse_size
 
             parse_size(self.memory_budget)  # ValueError naming the value
             if self.micro_batch_size != "auto":
-                raise ValueError("--memory-budget only applies with --micro-batch-size auto")
+                raise ConfigError("--memory-budget only applies with --micro-batch-size auto")
         for name in ("accumulation_steps", "batch_size", "max_steps", "max_length", "eval_examples",
                      "keep_checkpoints", "max_nonfinite", "lora_r"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         for name in ("eval_every", "save_every", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.accumulation_steps is not None and self.batch_size is not None:
-            raise ValueError("give --accumulation-steps or --batch-size, not both")
+            raise ConfigError("give --accumulation-steps or --batch-size, not both")
         if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("give --max-steps or --epochs, not both")
+            raise ConfigError("give --max-steps or --epochs, not both")
         # inf passes `> 0` and nan fails every comparison: both are refused by name here, before
         # they become an endless schedule or NaN weights.
         if self.epochs is not None and not 0 < self.epochs < math.inf:
-            raise ValueError(f"--epochs must be a finite number > 0, got {self.epochs}")
+            raise ConfigError(f"--epochs must be a finite number > 0, got {self.epochs}")
         if self.lr is not None and not 0 < self.lr < math.inf:
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:  # inf: measure, never clip
-            raise ValueError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+            raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.packing and self.normalize == "samples":
-            raise ValueError("--packing needs --normalize tokens: a packed row holds several sequences")
+            raise ConfigError("--packing needs --normalize tokens: a packed row holds several sequences")
         if self.max_grad_norm == 0:
             self.max_grad_norm = None
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')}: unknown value {getattr(self, f.name)!r} "
+                raise ConfigError(f"--{f.name.replace('_', '-')}: unknown value {getattr(self, f.name)!r} "
                                  f"(choose from {', '.join(choices)})")
 
     def to_dict(self) -> dict[str, Any]:

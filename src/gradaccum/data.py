@@ -27,6 +27,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import DataError, ModelError
+
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
@@ -41,10 +43,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # the label of a position without loss (PyTorch's cross-entropy default)
-
-
-class DataError(ValueError):
-    """A problem in the user's data file; the message starts with `file:line:` and names the field."""
 
 
 @dataclass
@@ -72,7 +70,8 @@ class DataStats:
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """`(line number, record)` for every non-blank line of a JSONL file; line numbers start at 1.
 
-    Each record is checked to be one of the three formats (extra keys are allowed and ignored).
+    Each record is checked to be one of the three formats (extra keys are allowed and ignored) and to
+    hold only valid Unicode text.
     """
     try:
         raw = Path(path).read_bytes()
@@ -103,10 +102,31 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
         _record_format(record, where)
+        if (name := _first_non_unicode_field(record)) is not None:
+            # JSON can spell a lone UTF-16 surrogate; Python keeps it in the str, and a tokenizer then
+            # fails with an error that names neither the file nor the line.
+            raise DataError(f"{where}: field '{name}': holds a lone UTF-16 surrogate (such as \\ud800), which "
+                            "is not valid Unicode text")
         records.append((line_number, record))
     if not records:
         raise DataError(f"{path}: no records (the file is empty or blank)")
     return records
+
+
+def _first_non_unicode_field(value: Any, name: str = "") -> str | None:
+    """The first string field (as 'messages[0].content') that cannot be encoded as UTF-8, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return name
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}" if name else str(key)
+        if (found := _first_non_unicode_field(item, where)) is not None:
+            return found
+    return None
 
 
 def _type_name(value: Any) -> str:
@@ -352,7 +372,7 @@ class _Encoder:
             backend.encode_special_tokens = True
             specials = sorted((i, t) for i, t in backend.get_added_tokens_decoder().items() if t.special)
             if _RESERVED_FROM + len(specials) >= ord(_SENTINEL_PAD):
-                raise ValueError(f"the tokenizer has {len(specials)} special tokens, too many to stand in for")
+                raise ModelError(f"the tokenizer has {len(specials)} special tokens, too many to stand in for")
             sentinel_of = {t.content: chr(_RESERVED_FROM + n) + _SENTINEL_PAD * (len(t.content) - 1)
                            for n, (_, t) in enumerate(specials)}
             backend.add_tokens([AddedToken(sentinel_of[t.content], single_word=t.single_word, lstrip=t.lstrip,

@@ -54,6 +54,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = [
     "peak_rss_bytes",
     "peak_memory_bytes",
@@ -167,18 +169,18 @@ def parse_size(value: str | int | float) -> int:
     powers of 1024; case does not matter. Raises ValueError naming the value otherwise.
     """
     if isinstance(value, bool):
-        raise ValueError(f"memory size must be a number of bytes or a string like '4GB', got {value!r}")
+        raise ConfigError(f"memory size must be a number of bytes or a string like '4GB', got {value!r}")
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read memory size {value!r}: use a number of bytes or e.g. 4GB, 4GiB, "
+            raise ConfigError(f"cannot read memory size {value!r}: use a number of bytes or e.g. 4GB, 4GiB, "
                              f"512MiB, 1.5GB")
         number, unit = float(match.group(1)), match.group(2).lower()
     size = number * _UNITS[unit]
     if not math.isfinite(size) or size <= 0:
-        raise ValueError(f"memory size must be positive, got {value!r}")
+        raise ConfigError(f"memory size must be positive, got {value!r}")
     return int(size)
 
 
@@ -229,7 +231,7 @@ def default_budget_bytes(device: torch.device | str = "cpu", fraction: float = 0
         try:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
-            raise ValueError("cannot tell how much memory this machine has: pass --memory-budget") from None
+            raise ConfigError("cannot tell how much memory this machine has: pass --memory-budget") from None
     room = _cgroup_room_bytes()
     if room is not None:
         available = min(available, room)
@@ -280,7 +282,7 @@ def search_micro_batch_size(candidates: Sequence[int], probe: Callable[[int], in
     if not measure(candidates[0]):
         peak = result.probes[candidates[0]]
         need = "runs out of memory" if peak is None else f"needs about {format_size(peak)}"
-        raise ValueError(f"--micro-batch-size auto: even a micro-batch of {candidates[0]} {need}, more than the "
+        raise ConfigError(f"--micro-batch-size auto: even a micro-batch of {candidates[0]} {need}, more than the "
                          f"{format_size(limit_bytes)} the memory budget allows; raise --memory-budget, "
                          f"lower --max-length, or use --lora")
     best = 0  # index of the largest candidate known to fit
@@ -436,12 +438,12 @@ def find_micro_batch_size(loss_module: torch.nn.Module, examples: Sequence[Any],
     device = torch.device(device)
     batch_size = getattr(config, "batch_size", None)
     if not batch_size or batch_size < 1:
-        raise ValueError("--micro-batch-size auto needs --batch-size")
+        raise ConfigError("--micro-batch-size auto needs --batch-size")
     if not examples:
-        raise ValueError("--micro-batch-size auto: no training examples to measure with")
+        raise ConfigError("--micro-batch-size auto: no training examples to measure with")
     world = distributed.world_size()
     if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of the world size {world}")
+        raise ConfigError(f"--batch-size {batch_size} is not a multiple of the world size {world}")
     per_rank = batch_size // world
     budget_value = getattr(config, "memory_budget", None)
     budget = parse_size(budget_value) if budget_value is not None else default_budget_bytes(device)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 __all__ = [
     "ModelError",
     "build_tokenizer",
@@ -29,10 +31,6 @@ __all__ = [
     "save_final",
     "count_parameters",
 ]
-
-
-class ModelError(ValueError):
-    """A model spec or option the user got wrong; the message is one line, ready for the CLI."""
 
 
 # The byte tokenizer's special tokens follow the 256 byte tokens, so these ids are fixed.

@@ -25,6 +25,7 @@ import torch
 from . import checkpoint, distributed, run_folder
 from .accumulate import Accumulator
 from .config import TrainConfig
+from .errors import CheckpointError, ConfigError, DataError, ModelError, TrainingError
 from .data import DataStats, collate, global_windows, pack, padding_fraction, read_jsonl, split_window, tokenize
 from .evaluate import eval_loss, exact_match
 from .losses import CausalLMLoss, count_target_sequences, count_targets
@@ -32,10 +33,6 @@ from .memory import peak_memory_bytes
 from .models import apply_lora, load_model, own_memory, packing_unsupported_reason, save_final
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}  # bf16: autocast
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite losses, disk full, ...); the message says why."""
 
 
 @dataclass
@@ -56,19 +53,19 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device: unknown device {name!r}") from None
+        raise ConfigError(f"--device: unknown device {name!r}") from None
     # Only kinds that hold real data and that torch can train on here: `meta` holds no data, and an
     # unavailable backend would fail deep inside the first forward.
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
                  "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
     if device.type not in available:
-        raise ValueError(f"--device {name}: cannot train on a {device.type!r} device; use cpu, cuda, cuda:N, "
+        raise ConfigError(f"--device {name}: cannot train on a {device.type!r} device; use cpu, cuda, cuda:N, "
                          "mps or xpu")
     if not available[device.type]:
-        raise ValueError(f"--device {name}: no {device.type.upper()} device is available")
+        raise ConfigError(f"--device {name}: no {device.type.upper()} device is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 
@@ -85,7 +82,7 @@ def resolve_batch(config: TrainConfig, world_size: int, micro_batch_size: int,
         return _resumed_batch(config, world_size, micro_batch_size, resumed_batch_size)
     if config.batch_size is not None:
         if config.batch_size % per_step:
-            raise ValueError(f"--batch-size {config.batch_size} is not a multiple of micro-batch size "
+            raise ConfigError(f"--batch-size {config.batch_size} is not a multiple of micro-batch size "
                              f"{micro_batch_size} x world size {world_size} = {per_step}")
         return config.batch_size // per_step, config.batch_size
     accumulation_steps = config.accumulation_steps or 4
@@ -102,11 +99,11 @@ def _resumed_batch(config: TrainConfig, world_size: int, micro_batch_size: int, 
     else:
         asked = None
     if asked:
-        raise ValueError(f"--resume: the checkpoint trained with an effective batch of {batch_size} sequences per "
+        raise ConfigError(f"--resume: the checkpoint trained with an effective batch of {batch_size} sequences per "
                          f"step, and {asked} would change it from the next step on; resume with --batch-size "
                          f"{batch_size} (any split of it gives the same weights) or start a new run")
     if batch_size % per_step:
-        raise ValueError(f"--resume: the checkpoint's effective batch of {batch_size} sequences is not a multiple of "
+        raise ConfigError(f"--resume: the checkpoint's effective batch of {batch_size} sequences is not a multiple of "
                          f"micro-batch size {micro_batch_size} x world size {world_size} = {per_step}; choose a "
                          f"--micro-batch-size (and number of processes) whose product divides {batch_size}")
     return batch_size // per_step, batch_size
@@ -166,43 +163,13 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def _unencodable_field(value: Any, name: str = "") -> str | None:
-    """The first string field (as 'messages[0].content') that is not valid Unicode, else None.
-
-    JSON can spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it in the str, and tokenizers then
-    fail with an error that names neither the file nor the line.
-    """
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return name
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        where = f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}" if name else str(key)
-        if (found := _unencodable_field(item, where)) is not None:
-            return found
-    return None
-
-
-def read_records(path: str) -> list[tuple[int, dict]]:
-    """read_jsonl, plus a one-line error for a string that no tokenizer can encode."""
-    lines = read_jsonl(path)
-    for line_number, record in lines:
-        if (field := _unencodable_field(record)) is not None:
-            raise ValueError(f"{path}:{line_number}: field '{field}': holds a lone UTF-16 surrogate (such as "
-                             "\\ud800), which is not valid Unicode text")
-    return lines
-
-
 def check_targets(examples: list, stats: DataStats, path: str, max_length: int) -> None:
     """Refuse data in which no example keeps a target token: every step would be skipped."""
     if examples and stats.num_empty_targets == len(examples):
         cause = (f"; {stats.num_truncated} were cut to --max-length {max_length} tokens (the longest has "
                  f"{stats.max_example_tokens}): raise --max-length or shorten the prompts"
                  if stats.num_truncated else "")
-        raise ValueError(f"{path}: {stats.num_empty_targets} of {len(examples)} examples have no target token "
+        raise DataError(f"{path}: {stats.num_empty_targets} of {len(examples)} examples have no target token "
                          f"left, so there is nothing to train on{cause}")
 
 
@@ -235,7 +202,7 @@ def resume(output: Path, model, optimizer, scheduler, acc: Accumulator, fsdp: bo
         # Everything, every time: a failed attempt on a newer checkpoint may have loaded part of it.
         training_state, state = checkpoint.load(path, None if fsdp else model)
         if state.get("batch_size") != batch_size:
-            raise checkpoint.CheckpointError(f"{path}: trained with batch {state.get('batch_size')}, not {batch_size}")
+            raise CheckpointError(f"{path}: trained with batch {state.get('batch_size')}, not {batch_size}")
         if fsdp:  # full state dicts, sharded back over the ranks
             distributed.load_full_state_dicts(model, optimizer, checkpoint.load_weights(path),
                                               training_state["optimizer"])
@@ -247,7 +214,7 @@ def resume(output: Path, model, optimizer, scheduler, acc: Accumulator, fsdp: bo
 
     loaded = checkpoint.load_latest(output, restore, warn=log)
     if loaded is None:
-        raise ValueError(f"--resume: no checkpoint in {output}/ could be loaded (see the messages above)")
+        raise CheckpointError(f"--resume: no checkpoint in {output}/ could be loaded (see the messages above)")
     latest, step = loaded
     log(f"resumed from {latest.path} at step {step}")
     return step
@@ -259,11 +226,11 @@ def resume_point(output: Path) -> dict[str, Any]:
         try:
             checkpoint.verify(candidate.path)
             state = checkpoint.read_state(candidate.path)
-        except checkpoint.CheckpointError:
+        except CheckpointError:
             continue  # load_latest reports it
         if isinstance(state.get("batch_size"), int):
             return state
-    raise ValueError(f"--resume: no complete checkpoint in {output}/ (all were damaged)")
+    raise CheckpointError(f"--resume: no complete checkpoint in {output}/ (all were damaged)")
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -276,7 +243,7 @@ def train(config: TrainConfig) -> TrainResult:
     if config.fsdp and not fsdp:
         log("--fsdp: a single process has nothing to shard; training without it")
     if fsdp and config.lora:
-        raise ValueError("--fsdp with --lora is not supported yet; use DDP (the default) for LoRA")
+        raise ConfigError("--fsdp with --lora is not supported yet; use DDP (the default) for LoRA")
     # Nothing is written until every check has passed (run_folder.claim below): a refused run leaves
     # --output as it found it, and --overwrite deletes nothing for a run that cannot start.
     output = run_folder.resolve(config)
@@ -285,7 +252,7 @@ def train(config: TrainConfig) -> TrainResult:
     resumed = resume_point(output) if config.resume else None
     if resumed is not None and resumed.get("fsdp", False) != fsdp:
         how = "with" if resumed.get("fsdp") else "without"
-        raise ValueError(f"--resume: the checkpoints in {output}/ were written {how} --fsdp under torchrun; "
+        raise ConfigError(f"--resume: the checkpoints in {output}/ were written {how} --fsdp under torchrun; "
                          "resume them the same way")
 
     # ---- model -------------------------------------------------------------------
@@ -295,9 +262,9 @@ def train(config: TrainConfig) -> TrainResult:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha)
     model.to(device)
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"--model {config.model}: its tokenizer has no pad token")
+        raise ModelError(f"--model {config.model}: its tokenizer has no pad token")
     if config.packing and (reason := packing_unsupported_reason(model)):
-        raise ValueError(f"--packing: {reason}; train without --packing")
+        raise ConfigError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
     log(f"LM head loss: {loss_module.head_kernel}" + ("" if loss_module.uses_chunked_path
                                                     else f" ({loss_module.fallback_reason})"))
@@ -307,9 +274,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     train_path = config.data or str(tasks.default_train_path())
     eval_path = config.eval_data or (str(tasks.default_eval_path()) if config.data is None else None)
-    examples, data_stats = tokenize(read_records(train_path), tokenizer, config.max_length, path=train_path)
+    examples, data_stats = tokenize(read_jsonl(train_path), tokenizer, config.max_length, path=train_path)
     check_targets(examples, data_stats, train_path, config.max_length)
-    eval_lines = read_records(eval_path) if eval_path else []  # read once: loss and accuracy both use it
+    eval_lines = read_jsonl(eval_path) if eval_path else []  # read once: loss and accuracy both use it
     eval_records = [record for _, record in eval_lines]
     eval_examples = tokenize(eval_lines, tokenizer, config.max_length, path=eval_path)[0] if eval_lines else []
     lengths = [len(example.input_ids) for example in examples]
