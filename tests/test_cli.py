@@ -50,6 +50,8 @@ def test_bad_data_names_file_line_and_field(tmp_path, capsys, case):
     (["--epochs", "inf"], "--epochs"),
     (["--lr", "inf"], "--lr"),
     (["--device", "meta"], "--device meta"),
+    (["--seed", "-1"], "--seed"),
+    (["--memory-budget", "4GB"], "--memory-budget"),
     (["--output", "{good}"], "good.jsonl"),
     (["--output", "{good}/sub"], "good.jsonl"),
 ])

@@ -40,13 +40,14 @@ import importlib.util
 import json
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .config import AuditConfig
 from .errors import ConfigError
 
 __all__ = [
@@ -64,92 +65,11 @@ __all__ = [
     "main",
 ]
 
-DTYPES = ("float64", "float32")
-AGAINST = ("hf-trainer",)
-
 # The gate: exact's first-step gradient error against the full batch may be ROUNDING_FACTOR times
 # the full batch's own rounding in the audit's dtype, plus FLOOR_EPS x eps(dtype). Why these, in
 # `gradient_bound`.
 ROUNDING_FACTOR = 10.0
 FLOOR_EPS = 10.0
-
-
-def _f(default: Any, help: str, **metadata: Any) -> Any:
-    if default is MISSING:
-        return field(metadata={"help": help, **metadata})
-    return field(default=default, metadata={"help": help, **metadata})
-
-
-@dataclass
-class AuditConfig:
-    batch_size: int = _f(MISSING, "effective batch B in sequences per optimizer step: the full batch")
-    model: str = _f("tiny", "'tiny' (embedded default), a local HF directory, a hub id, or a .gguf file")
-    data: str | None = _f(None, "training JSONL ({text} | {prompt, completion} | {messages}); default: bundled tasks")
-    micro_batch_sizes: str | list[int] | None = _f(None, "comma-separated micro-batch sizes, each dividing "
-                                                         "--batch-size (default: every power of two below it)")
-    steps: int = _f(10, "optimizer steps of every run")
-    dtype: str = _f("float64", "float64 | float32; the gate's bound is this run's own rounding in that dtype",
-                    choices=DTYPES)
-    lr: float | None = _f(None, "peak learning rate (default: as `gradaccum train`)")
-    seed: int = _f(0, "seed for initialisation and data order")
-    max_length: int = _f(256, "tokens per example; longer examples are truncated")
-    max_grad_norm: float | None = _f(1.0, "clip the accumulated gradient to this L2 norm once per step (0 disables)")
-    lora: bool = _f(False, "train LoRA adapters through peft instead of all weights")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    against: str | None = _f(None, "hf-trainer: also train with transformers.Trainer, GA=k against GA=1",
-                             choices=(None, *AGAINST))
-    output: str | None = _f(None, "output folder (default: runs/audit-<timestamp>)")
-    save_models: bool = _f(False, "also write every run's final model to DIR/runs/<run>/final (a full model "
-                                  "per run; the report does not need them)")
-    trust_remote_code: bool = _f(False, "allow model code from the model's folder or hub repo to run")
-    progress: bool = _f(True, "print one line per run")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be an integer >= 2 (the full batch to split), got {self.batch_size!r}")
-        self.micro_batch_sizes = _parse_micro_batch_sizes(self.micro_batch_sizes, self.batch_size)
-        for name in ("steps", "max_length", "lora_r"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                shown = ", ".join(str(c) for c in choices if c is not None)
-                raise ConfigError(f"--{f.name.replace('_', '-')}: unknown value {getattr(self, f.name)!r} "
-                                 f"(choose from {shown})")
-
-
-def _parse_micro_batch_sizes(value: Any, batch_size: int) -> list[int]:
-    if value is None:
-        sizes = [2 ** i for i in range(batch_size.bit_length()) if 2 ** i < batch_size and batch_size % 2 ** i == 0]
-    else:
-        items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
-        sizes = []
-        for item in items:
-            try:
-                sizes.append(int(str(item).strip()))
-            except ValueError:
-                raise ConfigError(f"--micro-batch-sizes: {str(item).strip()!r} is not an integer "
-                                 f"(expected e.g. 1,2,4)") from None
-    if not sizes:
-        raise ConfigError("--micro-batch-sizes: no sizes given")
-    for size in sizes:
-        if size < 1 or batch_size % size:
-            raise ConfigError(f"--micro-batch-sizes: {size} does not divide --batch-size {batch_size}")
-    # m = B is the full batch itself: it is always run, as the reference.
-    sizes = sorted(set(size for size in sizes if size != batch_size))
-    if not sizes:
-        raise ConfigError(f"--micro-batch-sizes: give at least one size below --batch-size {batch_size}")
-    return sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1070,12 +990,9 @@ def add_arguments(parser) -> None:
     """`gradaccum audit` flags: one per AuditConfig field (--batch-size required)."""
     from .cli import add_dataclass_arguments
 
-    parser.add_argument("--batch-size", type=int, required=True, metavar="B",
-                        help=fields(AuditConfig)[0].metadata["help"])
-    add_dataclass_arguments(parser, AuditConfig, skip={"batch_size"})
+    add_dataclass_arguments(parser, AuditConfig)
 
 
 def main(args) -> int:
     """Run the audit from parsed arguments; the exit status: 0 passed, 1 exact departs."""
-    config = AuditConfig(**{f.name: getattr(args, f.name) for f in fields(AuditConfig) if hasattr(args, f.name)})
-    return run(config).exit_code
+    return run(AuditConfig.from_args(args)).exit_code

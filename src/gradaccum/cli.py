@@ -44,17 +44,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: se
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(f.type)
-        default = f.default if f.default is not MISSING else None
+        required = f.default is MISSING
+        default = None if required else f.default
         text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
+            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), required=required,
                                 help=text if default is None else f"{text} (default: {default})")
-
-
-def _dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import train
 
-            result = train(TrainConfig(**_dataclass_kwargs(args, TrainConfig)))
+            result = train(TrainConfig.from_args(args))
             return 128 + result.stopped_by if result.interrupted else 0  # the shell's convention
         from .audit import main as audit_main
 

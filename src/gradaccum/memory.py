@@ -54,6 +54,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .config import parse_size
 from .errors import ConfigError
 
 __all__ = [
@@ -155,34 +156,6 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Sizes
-
-_UNITS = {"": 1, "b": 1,
-          "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40,  # a bare letter: binary, like `free -g`
-          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-
-
-def parse_size(value: str | int | float) -> int:
-    """Bytes in a size: 4GB = 4e9, 4GiB = 4G = 4 x 2^30, 512MiB, 1.5 GB, 1000000 (bytes).
-
-    Decimal units (KB, MB, GB, TB) are powers of 1000 and binary ones (KiB, ..., or a bare K, M, G, T)
-    powers of 1024; case does not matter. Raises ValueError naming the value otherwise.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(f"memory size must be a number of bytes or a string like '4GB', got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"cannot read memory size {value!r}: use a number of bytes or e.g. 4GB, 4GiB, "
-                             f"512MiB, 1.5GB")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = number * _UNITS[unit]
-    if not math.isfinite(size) or size <= 0:
-        raise ConfigError(f"memory size must be positive, got {value!r}")
-    return int(size)
-
 
 def format_size(num_bytes: float) -> str:
     """1536 MiB -> '1.50 GiB'; binary units, three significant digits."""
