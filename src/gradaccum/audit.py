@@ -275,7 +275,7 @@ def _run(config: AuditConfig) -> AuditResult:
                          "pip install 'gradaccum[hf]'")
     output = _prepare_output(config)
 
-    from .train import resolve_device
+    from .setup import resolve_device
 
     device = resolve_device(config.device)
     model, tokenizer = _build_model(config, device)
@@ -431,7 +431,7 @@ def _prepare_output(config: AuditConfig) -> Path:
 def _build_model(config: AuditConfig, device: torch.device):
     """The model exactly as `gradaccum.train.train` builds it: same seed, dtype, LoRA init."""
     from .models import apply_lora, load_model
-    from .train import DTYPES
+    from .setup import PARAMETER_DTYPES as DTYPES
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype], seed=config.seed,
@@ -575,7 +575,7 @@ def _window_gradient(model, examples, window, batch_size: int, micro: int, lengt
 
 
 def _resolved_lr(config: AuditConfig) -> float:
-    from .train import default_lr
+    from .setup import default_lr
 
     return default_lr(config)
 
@@ -651,7 +651,7 @@ def _hf_trainer_comparison(config: AuditConfig, examples, lengths, windows, lr: 
     from transformers import Trainer, TrainingArguments
 
     from .data import collate, split_window
-    from .train import warmup_cosine
+    from .setup import warmup_cosine
 
     batch_size = config.batch_size
     micro = config.micro_batch_sizes[0]

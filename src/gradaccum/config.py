@@ -116,6 +116,7 @@ class TrainConfig(RunConfig):
     resume: bool = _f(False, "continue from the newest complete checkpoint in --output")
     overwrite: bool = _f(False, "reuse an --output folder that holds a different run")
     max_nonfinite: int = _f(5, "stop after this many windows in a row with a non-finite loss or gradient")
+    save_final: bool = _f(True, "write final/ (the audit turns it off)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,7 +157,7 @@ class TrainConfig(RunConfig):
 RESUMABLE_CHANGES = {"micro_batch_size", "memory_budget", "accumulation_steps", "batch_size", "device", "fsdp",
                      "resume", "overwrite",
                      "output", "save_every", "keep_checkpoints", "progress", "eval_every", "eval_examples",
-                     "max_nonfinite", "chunked_loss"}
+                     "max_nonfinite", "chunked_loss", "save_final"}
 
 
 @dataclass(kw_only=True)

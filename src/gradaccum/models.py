@@ -29,6 +29,7 @@ __all__ = [
     "load_model",
     "apply_lora",
     "save_final",
+    "final_state_dict",
     "count_parameters",
 ]
 
@@ -344,6 +345,24 @@ def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge
 
     normal_permissions(out_dir.glob("*.safetensors"))  # safetensors writes them 0600
     return what
+
+
+def final_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The final weights as `save_final` writes a full model: CPU copies, a LoRA model merged, a tied
+    tensor (embeddings and LM head) once, under its first name. `state_dict` as in `save_final`."""
+    if state_dict is not None:
+        state = _share_tied(model, state_dict)
+    elif _is_peft_model(model):
+        state = copy.deepcopy(model).merge_and_unload().state_dict()  # a copy: see save_final
+    else:
+        state = model.state_dict()
+    kept, seen = {}, set()
+    for name, tensor in state.items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        kept[name] = tensor.detach().to("cpu", copy=True)
+    return kept
 
 
 def _share_tied(model: nn.Module, state_dict: dict) -> dict:
