@@ -10,7 +10,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
-from .config import TrainConfig
+from .config import AuditConfig, TrainConfig
 from .errors import GradaccumError
 
 
@@ -62,13 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Fine-tune a causal LM. With no arguments: the embedded tiny model "
                                             "on the bundled tasks, on the CPU, in a few minutes.")
     add_dataclass_arguments(train, TrainConfig)
-    try:
-        from .audit import add_arguments as add_audit_arguments
-    except ImportError:  # the audit module is optional until it lands
-        add_audit_arguments = None
-    if add_audit_arguments is not None:
-        audit = commands.add_parser("audit", help="full batch vs naive vs exact accumulation on your model and data")
-        add_audit_arguments(audit)
+    audit = commands.add_parser("audit", help="full batch vs naive vs exact accumulation on your model and data")
+    add_dataclass_arguments(audit, AuditConfig)
     return parser
 
 
