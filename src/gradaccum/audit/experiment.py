@@ -26,7 +26,8 @@ from ..losses import CausalLMLoss
 from ..models import final_state_dict
 from ..setup import build_model, default_lr, num_targets, resolve_device, training_data_path, training_examples
 from .report import write_report
-from .results import AuditResult, GradientBound, MicroBatchAudit, RunAudit, TargetSpread, gradient_bound
+from .results import (AuditResult, GradientBound, MicroBatchAudit, RunAudit, TargetSpread, compare_gradients,
+                      gradient_bound)
 
 Weights = dict[str, torch.Tensor]
 
@@ -175,20 +176,6 @@ def window_gradient(model, examples: list[Example], window_indices: list[int], a
         loss = window.step().loss
     assert gradient is not None
     return gradient, loss
-
-
-def compare_gradients(gradient: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
-    """(relative L2 error, cosine similarity) of two gradients over all trainable parameters."""
-    diff = dot = norm = norm_ref = 0.0
-    for g, r in zip(gradient, reference):
-        g, r = g.double(), r.double()
-        diff += float((g - r).pow(2).sum())
-        dot += float((g * r).sum())
-        norm += float(g.pow(2).sum())
-        norm_ref += float(r.pow(2).sum())
-    error = math.sqrt(diff / norm_ref) if norm_ref else math.nan
-    cosine = dot / math.sqrt(norm * norm_ref) if norm and norm_ref else math.nan
-    return error, cosine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ from transformers import Trainer, TrainingArguments
 from ..config import AuditConfig
 from ..data import Example, collate, split_window
 from ..setup import build_model, optimizer_and_schedule
-from .experiment import compare_gradients
-from .results import FLOOR_EPS, ROUNDING_FACTOR, HFCase, HFComparison
+from .results import FLOOR_EPS, ROUNDING_FACTOR, HFCase, HFComparison, compare_gradients
 
 HF_CASES = {
     "as-is": "the model as loaded: Trainer passes num_items_in_batch to its loss",

@@ -89,6 +89,20 @@ def gradient_bound(dtype: str, float32_error: float) -> GradientBound:
                          floor=floor, tolerance=tolerance, how=how)
 
 
+def compare_gradients(gradient: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
+    """(relative L2 error, cosine similarity) of two gradients over all trainable parameters."""
+    diff = dot = norm = norm_ref = 0.0
+    for g, r in zip(gradient, reference):
+        g, r = g.double(), r.double()
+        diff += float((g - r).pow(2).sum())
+        dot += float((g * r).sum())
+        norm += float(g.pow(2).sum())
+        norm_ref += float(r.pow(2).sum())
+    error = math.sqrt(diff / norm_ref) if norm_ref else math.nan
+    cosine = dot / math.sqrt(norm * norm_ref) if norm and norm_ref else math.nan
+    return error, cosine
+
+
 @dataclass
 class RunAudit:
     """One accumulated run (exact or naive) against the full batch."""
