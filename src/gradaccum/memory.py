@@ -20,16 +20,16 @@ How a micro-batch size is measured -- one *probe*:
     an out-of-memory error counts as "does not fit".
   - the optimizer state does not exist yet, so it is added: 2 x the trainable parameter bytes
     (AdamW's exp_avg and exp_avg_sq, in the parameters' dtype);
-  - the optimizer step itself runs after the activations are gone but allocates temporaries: up to
-    2 x the largest parameter (torch's for-loop AdamW), counted on top of the memory held after the
-    probe's backward. For small micro-batches that step, not the backward, is the peak.
+  - the optimizer step runs after the activations are gone. torch's for-loop and for-each AdamW
+    allocate temporaries of up to 2 x the largest parameter there, which for small micro-batches
+    makes the step, not the backward, the peak; they are counted on top of the memory held after
+    the probe's backward. `gradaccum train` steps a fused AdamW, which allocates none, so for it the
+    term is a margin; it keeps the prediction safe for loops that step the default AdamW.
 Predicted training peak(m) = max(probe peak(m), after-backward + step temporaries) + optimizer state;
-m fits when that is at most 85% of the budget: over a whole run, allocator fragmentation adds to what
-one probe sees (SmolLM2-135M, CPU, micro-batches of exactly 2 x 256 tokens: the training peaks at
-accumulation 2 to 16 came out 9-12% above the prediction; at accumulation 1, where gradients and
-activations never fully coexist, 5-14% below; benchmarks/results/memory.md). On the CPU the RSS a
-probe reads also depends on the allocator's history: the same probe repeated later in a process reads
-up to ~8% higher (conservative).
+m fits when that is at most 85% of the budget: over a whole run of many micro-batches allocator
+fragmentation adds to what one probe sees (how much: benchmarks/README.md, "The micro-batch
+finder"). On the CPU the RSS a probe reads also depends on the allocator's history, which only
+makes it read high.
 
 The search never probes a size predicted not to fit (on the CPU an oversized probe is not an
 exception but the kernel's OOM killer): it probes m = 1 and the next divisor, fits peak(m) = a + b m,
@@ -356,8 +356,8 @@ def _make_probe(loss_module: torch.nn.Module, examples: Sequence[Any], pad_token
             else:
                 peak, after = _window_peak_rss_bytes(), current_rss_bytes()
             # The optimizer step comes later, with parameters and gradients resident and the activations
-            # gone: AdamW's state plus its temporaries (up to two of the largest parameter's size in
-            # torch's for-loop implementation) may peak above the backward for small micro-batches.
+            # gone: AdamW's state plus its temporaries (see the module docstring) may peak above the
+            # backward for small micro-batches.
             peak = max(peak, after + step_temporary_bytes)
         except torch.cuda.OutOfMemoryError:
             peak = None

@@ -413,9 +413,9 @@ def own_memory(params: list[torch.Tensor]) -> None:
     """Copy trainable CPU parameters out of the weights file's read-only memory map into private memory.
 
     transformers maps safetensors files and hands out parameters that still point into the mapping, so
-    the first optimizer step copies each 4 KiB page on write, one page fault at a time: 1.7 s for
-    SmolLM2-135M's 540 MB, against 0.2 s for one copy up front. Ties survive: the Parameter objects are
-    the same, only their storage moves. Frozen parameters (LoRA's base) stay mapped; nothing writes them.
+    the first optimizer step would copy each 4 KiB page on write, one page fault at a time, far slower
+    than one copy up front (benchmarks/README.md). Ties survive: the Parameter objects are the same,
+    only their storage moves. Frozen parameters (LoRA's base) stay mapped; nothing writes them.
     """
     with torch.no_grad():
         for p in params:

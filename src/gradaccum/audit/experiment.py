@@ -231,7 +231,7 @@ def _train_run(config: AuditConfig, output: Path, micro: int, accumulation: str,
     """One `gradaccum train` run into DIR/runs/<name>: its metrics and its final weights.
 
     Its log goes to DIR/runs/<name>.log; its model to DIR/runs/<name>/final only with --save-models
-    (the report needs the weights, not a model folder per run: 2.6 GB for a 3-step SmolLM2 audit).
+    (the report needs the weights, not a merged full model written per run).
     """
     from ..train import train
 
