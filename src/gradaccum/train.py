@@ -117,7 +117,7 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
             if run.save_every and progress.step % run.save_every == 0 and progress.step < run.total_steps:
                 save_checkpoint(run, progress.step)
     bar.close()
-    return finish(run, progress, time.perf_counter() - t_start, keep_final_state)
+    return finish(run, progress, t_start, keep_final_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def save_checkpoint(run: Run, step: int) -> None:
 # Finish: final/, the loss curve, the summary
 
 
-def finish(run: Run, progress: Progress, seconds: float, keep_final_state: bool) -> TrainResult:
+def finish(run: Run, progress: Progress, t_start: float, keep_final_state: bool) -> TrainResult:
     config, output, step = run.config, run.output, progress.step
     interrupted = progress.stopped_by is not None
     final_state = None
@@ -424,6 +424,8 @@ def finish(run: Run, progress: Progress, seconds: float, keep_final_state: bool)
 
         plot_training(metrics, output / "loss.png", title=f"{config.model}: B={run.batch_size}, "
                       f"{run.micro_batch_size}x{run.accumulation_steps}x{run.world_size}, {config.accumulation}")
+    seconds = time.perf_counter() - t_start
+    if run.is_main and metrics:
         first = next((m["loss"] for m in metrics if not m["skipped"]), float("nan"))
         last = metrics[-1]
         summary = f"loss {first:.4f} -> {last['loss']:.4f}"
