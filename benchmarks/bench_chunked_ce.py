@@ -1,4 +1,4 @@
-"""Chunked LM-head cross-entropy (recomputing, and fused) vs the plain `F.cross_entropy(hidden @ W.T)`: time and peak memory.
+"""Chunked LM-head cross-entropy (`linear_cross_entropy_sum`) vs the plain `F.cross_entropy(hidden @ W.T)`: time and peak memory.
 
     python benchmarks/bench_chunked_ce.py                 # SmolLM2 head: vocab 49,152, hidden 576, 2048 tokens
     python benchmarks/bench_chunked_ce.py --tokens 4096 --chunk-sizes 1024,256
@@ -57,19 +57,14 @@ def make_problem(args: argparse.Namespace):
 
 
 def make_step(variant: str, hidden, weight, targets):
-    """One forward+backward of the summed loss of `variant` ("plain" or "chunked chunk_size=C")."""
+    """One forward+backward of the summed loss of `variant` ("plain" or "fused chunk_size=C")."""
     import torch.nn.functional as F
 
-    from gradaccum.losses import chunked_cross_entropy, linear_cross_entropy_sum
+    from gradaccum.losses import linear_cross_entropy_sum
 
     if variant == "plain":
         def loss_fn():
             return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
-    elif variant.startswith("chunked"):
-        chunk_size = int(variant.split("=")[1])
-
-        def loss_fn():
-            return chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size).sum()
     else:  # "fused chunk_size=C": linear_cross_entropy_sum, the path CausalLMLoss takes
         chunk_size = int(variant.split("=")[1])
 
@@ -148,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     sizes = [int(c) for c in args.chunk_sizes.split(",")]
-    variants = ["plain"] + [f"{kind} chunk_size={c}" for kind in ("chunked", "fused") for c in sizes]
+    variants = ["plain"] + [f"fused chunk_size={c}" for c in sizes]
     results = [spawn(variant, args) for variant in variants]
     seconds = measure_time(variants, args)
     for r in results:
@@ -181,11 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         "Peak extra RSS: the process's resident high-water mark after the first forward+backward minus its "
-        "resident memory just before, with the inputs built (each variant in a fresh process). `chunked` "
-        "(`chunked_cross_entropy`, per-token losses) recomputes each chunk's logits in backward (one extra "
-        "`tokens x vocab x hidden` matmul); `fused` (`linear_cross_entropy_sum`, what `CausalLMLoss` uses) "
-        "takes each chunk's gradient in forward, so the logits are computed once, and backward only scales "
-        "it. Both need about one chunk of logits plus the float32 weight gradient at a time.",
+        "resident memory just before, with the inputs built (each variant in a fresh process). `fused` "
+        "(`linear_cross_entropy_sum`, what `CausalLMLoss` uses) takes each chunk's gradient in forward, so "
+        "the logits are computed once, and backward only scales it; it needs about one chunk of logits "
+        "plus the float32 weight gradient at a time.",
     ]
     table = "\n".join(lines) + "\n"
     print(table)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
@@ -127,13 +126,3 @@ def relative_error(model, reference, initial) -> float:
     diff = sum(float((a.detach() - b.detach()).pow(2).sum()) for a, b in zip(model.parameters(), reference.parameters()))
     update = sum(float((b.detach() - c.detach()).pow(2).sum()) for b, c in zip(reference.parameters(), initial.parameters()))
     return (diff / update) ** 0.5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Import into a test module to run its tiny models on one thread (2 OpenMP threads on a loaded
-    2-core machine turn every small op into a wait for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

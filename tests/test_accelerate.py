@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from gradaccum import Accumulator
-from helpers import collate, logits_of, make_examples, one_thread, relative_error, tiny_llama  # noqa: F401
+from helpers import collate, logits_of, make_examples, relative_error, tiny_llama
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -20,15 +20,6 @@ from gradaccum.accumulate import Accumulator, Window
 from gradaccum.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from more threads, and on shared cores extra threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from transformers import LlamaForCausalLM

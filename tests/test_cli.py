@@ -50,6 +50,8 @@ def test_bad_data_names_file_line_and_field(tmp_path, capsys, case):
     (["--epochs", "inf"], "--epochs"),
     (["--lr", "inf"], "--lr"),
     (["--device", "meta"], "--device meta"),
+    (["--seed", "-1"], "--seed"),
+    (["--memory-budget", "4GB"], "--memory-budget"),
     (["--output", "{good}"], "good.jsonl"),
     (["--output", "{good}/sub"], "good.jsonl"),
 ])
@@ -105,3 +107,35 @@ def test_cli_asks_for_huge_pages_before_torch_loads(preset, expected):
         env["THP_MEM_ALLOC_ENABLE"] = preset
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (expected if sys.platform.startswith("linux") else (preset or "None"))
+
+
+def test_lone_surrogate_in_audit_data_is_one_line(tmp_path, capsys):
+    """The audit reads data through the same checks as train."""
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("".join('{"prompt": "p%d =", "completion": " c"}\n' % i for i in range(8))
+                    + '{"prompt": "x", "completion": "\\udc00"}\n')
+    code = main(["audit", "--data", str(path), "--batch-size", "4", "--steps", "1", "--output",
+                 str(tmp_path / "audit"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "surrogate.jsonl:9" in err and "completion" in err, err
+
+
+def test_only_user_errors_become_one_line(tmp_path, monkeypatch, capsys):
+    """A GradaccumError is the user's mistake (one line, exit 2); any other exception is our bug and
+    keeps its traceback, even a ValueError."""
+    import gradaccum.train as train_module
+    from gradaccum.errors import DataError
+
+    for error, one_line in ((DataError("data.jsonl:3: field 'text': bad"), True), (ValueError("a bug"), False)):
+        def fail(config, error=error):
+            raise error
+
+        monkeypatch.setattr(train_module, "train", fail)
+        argv = ["train", "--data", str(_good(tmp_path)), "--output", str(tmp_path / "out"), "--no-progress"]
+        if one_line:
+            assert main(argv) == 2
+            assert capsys.readouterr().err.strip() == "gradaccum train: error: data.jsonl:3: field 'text': bad"
+        else:
+            with pytest.raises(ValueError, match="a bug"):
+                main(argv)

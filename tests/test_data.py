@@ -141,6 +141,21 @@ def test_missing_file_and_directory(tmp_path):
         read_jsonl(tmp_path)
 
 
+@pytest.mark.parametrize("line, field", [
+    ('{"prompt": "x \\ud800 y", "completion": "b"}', "'prompt'"),
+    ('{"text": "\\udfff"}', "'text'"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\ud83d"}]}',
+     "'messages[1].content'"),
+])
+def test_lone_surrogate_names_file_line_and_field(tmp_path, line, field):
+    """JSON may spell a lone UTF-16 surrogate, which is no Unicode text: no tokenizer can encode it."""
+    path = write(tmp_path, [GOOD, line])
+    with pytest.raises(DataError, match=r"data\.jsonl:2: ") as error:
+        read_jsonl(path)
+    assert field in str(error.value) and "surrogate" in str(error.value)
+    assert read_jsonl(write(tmp_path, [GOOD, '{"text": "\\ud83d\\ude00"}']))[1][1]["text"] == "\U0001F600"  # a pair
+
+
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from gradaccum.hf import ExactTrainer, make_exact
-from helpers import one_thread  # noqa: F401  (autouse: one thread per tiny model)
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments  # noqa: E402

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import one_thread  # noqa: F401
 from test_hf import causal_lm, lm_examples, own_loss_reference, relative_error, train, close_losses
 
 WORKER = Path(__file__).with_name("hf_ddp_worker.py")

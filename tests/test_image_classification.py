@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradaccum import Accumulator
-from helpers import one_thread, relative_error  # noqa: F401  (one_thread: autouse fixture)
+from helpers import relative_error
 
 EXACT_TOL = 1e-10  # float64
 IGNORE = -100

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradaccum.losses import (CausalLMLoss, chunked_cross_entropy, linear_cross_entropy_sum, sequence_mean_sum,
-                              token_loss_sum)
+from gradaccum.losses import CausalLMLoss, linear_cross_entropy_sum, sequence_mean_sum, token_loss_sum
 
 IGNORE = -100
 VOCAB = 64
@@ -40,95 +39,14 @@ def grads_of(loss, grad_out, tensors):
     return torch.autograd.grad(loss, [x for x in tensors if x is not None], grad_out)
 
 
-# --- chunked_cross_entropy against F.cross_entropy ------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("chunk_size", [1, 7, 50, 64, 1000])  # 7 does not divide 50; 64 and 1000 exceed it
-@pytest.mark.parametrize("bias", [True, False])
-def test_chunked_matches_cross_entropy(dtype, chunk_size, bias):
-    h, w, b, t, grad_out = random_problem(50, 16, 97, dtype, bias=bias)
-    ours = chunked_cross_entropy(h, w, t, b, chunk_size=chunk_size)
-    ref = F.cross_entropy(F.linear(h, w, b), t, reduction="none")
-    assert ours.shape == (50,) and ours.dtype == dtype
-    assert rel(ours, ref) <= TOLERANCE[dtype]
-    for mine, theirs in zip(grads_of(ours, grad_out, (h, w, b)), grads_of(ref, grad_out, (h, w, b))):
-        assert rel(mine, theirs) <= TOLERANCE[dtype]
-
-
-def test_comparison_can_fail():
-    """The tolerance above tells a right answer from a slightly wrong one: off-by-one targets differ."""
-    h, w, b, t, _ = random_problem(50, 16, 97, torch.float64)
-    ours = chunked_cross_entropy(h, w, t, b, chunk_size=7)
-    wrong = F.cross_entropy(F.linear(h, w, b), (t + 1) % 97, reduction="none")
-    assert rel(ours, wrong) > 1e-2
-
-
-@pytest.mark.parametrize("frozen", ["weight", "hidden"])
-def test_frozen_inputs(frozen):
-    h, w, b, t, grad_out = random_problem(33, 8, 40, torch.float64)
-    frozen_tensors = (w, b) if frozen == "weight" else (h,)
-    for x in frozen_tensors:
-        x.requires_grad_(False)
-    live = [x for x in (h, w, b) if x.requires_grad]
-    ours = grads_of(chunked_cross_entropy(h, w, t, b, chunk_size=5), grad_out, live)
-    ref = grads_of(F.cross_entropy(F.linear(h, w, b), t, reduction="none"), grad_out, live)
-    for mine, theirs in zip(ours, ref):
-        assert rel(mine, theirs) <= 1e-12
-    # Through .backward(), frozen tensors get no gradient at all.
-    chunked_cross_entropy(h, w, t, b, chunk_size=5).sum().backward()
-    assert all(x.grad is None for x in frozen_tensors) and all(x.grad is not None for x in live)
-
-
-def test_no_tokens():
-    h, w, b, t, _ = random_problem(0, 8, 40, torch.float64)
-    loss = chunked_cross_entropy(h, w, t, b)
-    assert loss.shape == (0,)
-    loss.sum().backward()
-    assert h.grad.shape == (0, 8)
-    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
-
-
-def test_bfloat16_matches_upcast_plain_path():
-    """Half-precision inputs: logits from the same bf16 matmul, softmax in float32, float32 losses."""
-    h, w, b, t, grad_out = random_problem(40, 16, 97, torch.bfloat16)
-    ours = chunked_cross_entropy(h, w, t, b, chunk_size=9)
-    ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="none")
-    assert ours.dtype == torch.float32
-    assert rel(ours, ref) <= 1e-6
-    for mine, theirs in zip(grads_of(ours, grad_out.float(), (h, w, b)), grads_of(ref, grad_out.float(), (h, w, b))):
-        assert mine.dtype == torch.bfloat16
-        assert rel(mine, theirs) <= 2e-2  # bf16 rounding of per-chunk partial sums
-
-
-def test_autocast_matches_plain_linear():
-    h, w, b, t, grad_out = random_problem(40, 16, 97, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = chunked_cross_entropy(h, w, t, b, chunk_size=9)
-        ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="none")
-    assert ours.dtype == torch.float32 and rel(ours, ref) <= 1e-6
-    for mine, theirs in zip(grads_of(ours, grad_out, (h, w, b)), grads_of(ref, grad_out, (h, w, b))):
-        assert mine.dtype == torch.float32 and rel(mine, theirs) <= 2e-2
-
-
-def test_bad_arguments():
-    h, w, b, t, _ = random_problem(10, 8, 40, torch.float64)
-    with pytest.raises(ValueError, match="targets must lie in"):
-        chunked_cross_entropy(h, w, torch.full_like(t, IGNORE), b)
-    with pytest.raises(ValueError, match="chunk_size"):
-        chunked_cross_entropy(h, w, t, b, chunk_size=0)
-    with pytest.raises(ValueError, match="dtype"):
-        chunked_cross_entropy(h, w.float(), t, b)
-    with pytest.raises(ValueError, match="weight"):
-        chunked_cross_entropy(h, w[:, :4], t, b)
-
-
 # --- linear_cross_entropy_sum: gradient taken in forward, scaled in backward -------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])  # 7 does not divide 50; 64 and 1000 exceed it
 @pytest.mark.parametrize("weighted", [False, True])
-def test_linear_sum_matches_cross_entropy(dtype, chunk_size, weighted):
-    h, w, b, t, token_weights = random_problem(50, 16, 97, dtype)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_sum_matches_cross_entropy(dtype, chunk_size, weighted, bias):
+    h, w, b, t, token_weights = random_problem(50, 16, 97, dtype, bias=bias)
     token_weights = token_weights if weighted else None
     scale = torch.tensor(0.37, dtype=dtype)  # what window.scale() multiplies the summed loss by
     ours = linear_cross_entropy_sum(h, w, t, b, token_weights, chunk_size=chunk_size)
@@ -166,8 +84,43 @@ def test_linear_sum_frozen_head_no_grad_and_autocast():
         linear_cross_entropy_sum(h, w, t, b, torch.ones(3, dtype=torch.float64))
 
 
+def test_linear_sum_frozen_hidden_no_tokens_and_bad_arguments():
+    h, w, b, t, _ = random_problem(33, 8, 40, torch.float64)
+    h.requires_grad_(False)
+    linear_cross_entropy_sum(h, w, t, b, chunk_size=5).backward()
+    assert h.grad is None
+    ref_w, ref_b = torch.autograd.grad(F.cross_entropy(F.linear(h, w, b), t, reduction="sum"), (w, b))
+    assert rel(w.grad, ref_w) <= 1e-12 and rel(b.grad, ref_b) <= 1e-12
+    h, w, b, t, _ = random_problem(0, 8, 40, torch.float64)  # no tokens: a zero sum, zero gradients
+    loss = linear_cross_entropy_sum(h, w, t, b)
+    loss.backward()
+    assert float(loss) == 0 and h.grad.shape == (0, 8)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    h, w, b, t, _ = random_problem(10, 8, 40, torch.float64)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        linear_cross_entropy_sum(h, w, torch.full_like(t, IGNORE), b)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy_sum(h, w, t, b, chunk_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        linear_cross_entropy_sum(h, w.float(), t, b)
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy_sum(h, w[:, :4], t, b)
+
+
+def test_linear_sum_bfloat16_matches_upcast_plain_path():
+    """Half-precision inputs: logits from the same bf16 matmul, softmax in float32, a float32 sum."""
+    h, w, b, t, _ = random_problem(40, 16, 97, torch.bfloat16)
+    ours = linear_cross_entropy_sum(h, w, t, b, chunk_size=9)
+    ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+    assert ours.dtype == torch.float32 and rel(ours, ref) <= 1e-6
+    for mine, theirs in zip(grads_of(ours, None, (h, w, b)), grads_of(ref, None, (h, w, b))):
+        assert mine.dtype == torch.bfloat16
+        assert rel(mine, theirs) <= 2e-2  # bf16 rounding of per-chunk partial sums
+
+
 def test_linear_sum_computes_each_chunk_once():
-    """Three [chunk x V x H] matmuls per chunk (logits, grad hidden, grad weight), not four."""
+    """Three [chunk x V x H] matmuls per chunk (logits, grad hidden, grad weight), as the plain head;
+    a backward that recomputed the logits would need a fourth."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountMatmuls(TorchDispatchMode):
@@ -189,9 +142,8 @@ def test_linear_sum_computes_each_chunk_once():
     n, hidden, vocab = 64, 16, 128
     h, w, b, t, _ = random_problem(n, hidden, vocab, torch.float32, bias=False)
     fused = flops(lambda: linear_cross_entropy_sum(h, w, t, chunk_size=16).backward())
-    recomputed = flops(lambda: chunked_cross_entropy(h, w, t, chunk_size=16).sum().backward())
-    assert fused == 3 * n * vocab * hidden
-    assert recomputed == 4 * n * vocab * hidden
+    plain = flops(lambda: F.cross_entropy(F.linear(h, w), t, reduction="sum").backward())
+    assert fused == plain == 3 * n * vocab * hidden
 
 
 # --- memory: what the chunked path keeps for backward ---------------------------------------------
@@ -231,7 +183,7 @@ def test_chunked_never_creates_logits():
     """Nothing of size tokens x vocab is ever allocated (saved or not): the biggest is a chunk or the weight."""
     n, hidden, vocab, chunk = 512, 32, 4096, 64
     h, w, b, t, grad_out = random_problem(n, hidden, vocab, torch.float32)
-    chunked = largest_tensor_created(lambda: chunked_cross_entropy(h, w, t, b, chunk_size=chunk).backward(grad_out))
+    chunked = largest_tensor_created(lambda: linear_cross_entropy_sum(h, w, t, b, chunk_size=chunk).backward())
     plain = largest_tensor_created(lambda: F.cross_entropy(F.linear(h, w, b), t, reduction="none").backward(grad_out))
     assert plain >= n * vocab
     assert chunked == max(chunk * vocab, vocab * hidden)
@@ -240,12 +192,11 @@ def test_chunked_never_creates_logits():
 def test_chunked_saves_no_logits():
     n, hidden, vocab = 512, 32, 4096
     h, w, b, t, _ = random_problem(n, hidden, vocab, torch.float32)
-    chunked_total, chunked_largest, _ = saved_bytes(lambda: chunked_cross_entropy(h, w, t, b, chunk_size=128))
+    chunked_total, chunked_largest, _ = saved_bytes(lambda: linear_cross_entropy_sum(h, w, t, b, chunk_size=128))
     plain_total, plain_largest, _ = saved_bytes(lambda: F.cross_entropy(F.linear(h, w, b), t, reduction="none"))
     logits_bytes = n * vocab * 4
-    # Saved by the chunked path: its inputs and one float per token, nothing of size tokens x vocab.
-    inputs_bytes = (n * hidden + vocab * hidden + vocab) * 4 + n * 8
-    assert chunked_total <= inputs_bytes + n * 4
+    # Saved by the chunked path: the gradients of hidden, weight and bias, nothing of size tokens x vocab.
+    assert chunked_total <= (n * hidden + vocab * hidden + vocab) * 4
     assert chunked_largest < logits_bytes / 8
     assert plain_largest >= logits_bytes  # the plain path keeps the full log-softmax
     assert chunked_total < plain_total / 5
@@ -353,7 +304,7 @@ def test_causal_lm_loss_wrong_shift_differs():
     input_ids, attention_mask, labels = padded_batch()
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
-    unshifted = chunked_cross_entropy(hidden[rows, cols], model.lm_head.weight, labels[rows, cols]).sum()
+    unshifted = linear_cross_entropy_sum(hidden[rows, cols], model.lm_head.weight, labels[rows, cols])
     right = CausalLMLoss(model, chunk_size=5)(input_ids, attention_mask, labels)
     assert rel(unshifted, right) > 1e-3
 

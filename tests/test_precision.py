@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from gradaccum import Accumulator
 from gradaccum.losses import count_targets, token_loss_sum
 from gradaccum.precision import FP32GradAccumulation
-from helpers import VOCAB, collate, logits_of, make_examples, one_thread, tiny_llama
+from helpers import VOCAB, collate, logits_of, make_examples, tiny_llama
 
 K = 16  # micro-batches per window
 

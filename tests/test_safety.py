@@ -15,7 +15,6 @@ import gradaccum.train as train_module
 from gradaccum.cli import main
 from gradaccum.config import TrainConfig
 from gradaccum.train import train
-from helpers import one_thread  # noqa: F401  (autouse: one thread for the tiny models)
 from test_train import StopAfter, final_weights, max_relative_difference, write_pairs
 
 

@@ -132,3 +132,18 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     resumed = final_weights(second)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_final_state_in_memory_without_writing_final(tmp_path):
+    """The audit's way: --no-save-final writes no model, and keep_final_state returns the weights
+    that final/ would hold (tied embeddings once, as in model.safetensors)."""
+    write_pairs(tmp_path / "data.jsonl")
+    saved = final_weights(run(tmp_path, "saved"))
+    kwargs = dict(data=str(tmp_path / "data.jsonl"), max_steps=3, batch_size=8, micro_batch_size=8, dtype="float64",
+                  lr=1e-2, output=str(tmp_path / "kept"), progress=False, save_every=0, eval_every=0,
+                  save_final=False)
+    result = train(TrainConfig(**kwargs), keep_final_state=True)
+    assert not (result.output / "final").exists() and (result.output / "metrics.jsonl").exists()
+    assert sorted(result.final_state) == sorted(saved)
+    assert all(torch.equal(result.final_state[k], saved[k]) for k in saved)
+    assert train(TrainConfig(**{**kwargs, "output": str(tmp_path / "plain")})).final_state is None

@@ -165,9 +165,6 @@ class Accumulator:
             return param.device
         return torch.device("cpu")
 
-    def _syncs_over_ranks(self) -> bool:
-        return self._reduction.syncs
-
     # -- the loop ---------------------------------------------------------------
     def windows(self, batches: Iterable[Any]) -> Iterator["Window"]:
         """Group `batches` into windows of `accumulation_steps`; the last may be partial."""
@@ -296,7 +293,7 @@ class Window:
     """One optimizer step's micro-batches. Iterate it, backpropagate `loss()`, then `step()`."""
 
     def __init__(self, acc: Accumulator, index: int, batches: list, counts: list[int], num_targets: int,
-                 num_real: int | None = None):
+                 num_real: int):
         self.acc = acc
         self.index = index  # 0-based window number within this `windows()` loop
         self.batches = batches  # this rank's micro-batches
@@ -304,7 +301,7 @@ class Window:
         self.micro_step: int | None = None  # index of the micro-batch being run
         self.stepped = False
         self._counts = counts  # n_k of this rank's micro-batches
-        self._num_real = len(batches) if num_real is None else num_real  # without masked padding
+        self._num_real = num_real  # micro-batches of this rank's own data (masked fillers excluded)
         self._factor = acc._factor
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=acc._collective_device())
 

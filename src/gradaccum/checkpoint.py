@@ -29,16 +29,14 @@ from typing import Any, Callable, TypeVar
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .errors import CheckpointError
+
 MANIFEST = "manifest.json"
 # Every checkpoint holds exactly these; the manifest is built from this list, not from whatever the
 # folder happens to contain, so a file a save forgot cannot make a checkpoint that still verifies.
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 T = TypeVar("T")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or corrupt."""
 
 
 @dataclass

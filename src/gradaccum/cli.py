@@ -1,99 +1,57 @@
-"""`gradaccum train | audit`: parse, call, print. User errors exit 2 with one line, no traceback."""
+"""`gradaccum train | audit | check`: parse, call, print.
+
+A user's mistake (`GradaccumError`) is one line on stderr and exit status 2; any other exception
+keeps its traceback, because it is our bug. Parsing needs only config.py, which imports no torch, so
+`gradaccum --help` answers at once; a command's module is imported once the command is chosen.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass
 from typing import Any
 
-from .config import TrainConfig
+from .config import AuditConfig, TrainConfig
+from .errors import GradaccumError
 
 
-def _use_huge_pages_for_large_tensors() -> None:
-    """Ask torch's CPU allocator for transparent huge pages on blocks of 2 MiB and more.
-
-    torch returns large blocks to the kernel on free, so every micro-batch's activations and every
-    window's gradients are page-faulted in again, 4 KiB at a time; with huge pages one fault maps
-    2 MiB. Measured on SmolLM2-135M (benchmarks/results/vs_hf.md): 2.6x fewer page faults, ~15% less
-    wall time, the same peak RSS. c10 reads the variable once, at its first allocation, so this runs
-    before torch is imported; a value the user set (THP_MEM_ALLOC_ENABLE=0 turns it off) is kept.
-    """
-    if sys.platform.startswith("linux") and "torch" not in sys.modules:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str  # its main(args: argparse.Namespace) -> exit status runs the command
+    config: type | None = None  # flags generated from this dataclass; None: the module's add_arguments(parser)
+    description: str | None = None
 
 
-def _base_type(annotation: Any) -> Any:
-    """`int | None` -> int; `int | str` -> str (validated by the dataclass)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own annotations only
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return str if str in args else args[0]
-    return annotation
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
-    """One --flag per dataclass field, with the field's doc as help (booleans get --no-flag)."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(f.type)
-        default = f.default if f.default is not MISSING else None
-        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
-                                help=text if default is None else f"{text} (default: {default})")
-
-
-def _dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradaccum", description="Gradient accumulation that is exactly a big "
-                                     "batch: fine-tune language models on small memory.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = commands.add_parser("train", help="fine-tune a model with exact gradient accumulation",
-                                description="Fine-tune a causal LM. With no arguments: the embedded tiny model "
-                                            "on the bundled tasks, on the CPU, in a few minutes.")
-    add_dataclass_arguments(train, TrainConfig)
-    try:
-        from .audit import add_arguments as add_audit_arguments
-    except ImportError:  # the audit module is optional until it lands
-        add_audit_arguments = None
-    if add_audit_arguments is not None:
-        audit = commands.add_parser("audit", help="full batch vs naive vs exact accumulation on your model and data")
-        add_audit_arguments(audit)
-    return parser
+# Every subcommand, registered here and nowhere else.
+COMMANDS = {
+    "train": Command("fine-tune a model with exact gradient accumulation", "gradaccum.train", TrainConfig,
+                     "Fine-tune a causal LM. With no arguments: the embedded tiny model on the bundled tasks, "
+                     "on the CPU, in a few minutes."),
+    "audit": Command("full batch vs naive vs exact accumulation on your model and data", "gradaccum.audit",
+                     AuditConfig),
+    "check": Command("answer in seconds whether accumulation with a model equals the big batch",
+                     "gradaccum.check"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     _use_huge_pages_for_large_tensors()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(chosen=next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from .checkpoint import CheckpointError
-    from .train import TrainingError
-
     try:
-        if args.command == "train":
-            from .train import train
-
-            result = train(TrainConfig(**_dataclass_kwargs(args, TrainConfig)))
-            return 128 + result.stopped_by if result.interrupted else 0  # the shell's convention
-        from .audit import main as audit_main
-
-        return audit_main(args)
-    except (ValueError, TrainingError, CheckpointError, FileNotFoundError) as exc:
+        return importlib.import_module(COMMANDS[args.command].module).main(args)
+    except GradaccumError as exc:  # the user's mistake; anything else is our bug: a traceback
         if os.environ.get("GRADACCUM_DEBUG"):
             raise
         print(f"gradaccum {args.command}: error: {exc}", file=sys.stderr)
@@ -101,6 +59,65 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradaccum {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a command whose flags its own module defines gets them only when `chosen`."""
+    parser = argparse.ArgumentParser(prog="gradaccum", description="Gradient accumulation that is exactly a big "
+                                     "batch: fine-tune language models on small memory.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.description or command.help)
+        if command.config is not None:
+            add_dataclass_arguments(sub, command.config)
+        elif name == chosen:
+            importlib.import_module(command.module).add_arguments(sub)
+    return parser
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per dataclass field, with the field's doc as help (booleans get --no-flag); a field
+    without a default is a required flag. Inherited fields (RunConfig's) are listed as their own group."""
+    hints = typing.get_type_hints(cls)
+    bases = [base for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)]
+    inherited = {f.name for f in dataclasses.fields(bases[0])} if bases else set()
+    fields = dataclasses.fields(cls)
+    shared = parser.add_argument_group("model, data and run (shared by train and audit)") if inherited else parser
+    for f in fields:
+        _add_field(shared if f.name in inherited else parser, f, _base_type(hints[f.name]))
+
+
+def _add_field(parser: Any, f: dataclasses.Field, kind: type) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    required = f.default is MISSING
+    default = None if required else f.default
+    text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+    if kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+    else:
+        parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), required=required,
+                            help=text if default is None else f"{text} (default: {default})")
+
+
+def _base_type(annotation: Any) -> type:
+    """`int | None` -> int; `int | str` -> str (the dataclass validates what the string holds)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return str if str in args else args[0]
+    return annotation
+
+
+def _use_huge_pages_for_large_tensors() -> None:
+    """Ask torch's CPU allocator for transparent huge pages on blocks of 2 MiB and more.
+
+    torch returns large blocks to the kernel on free, so every micro-batch's activations and every
+    window's gradients are page-faulted in again, 4 KiB at a time; with huge pages one fault maps
+    2 MiB (what it saves: benchmarks/README.md). c10 reads the variable once, at its first allocation,
+    so this runs before torch is imported; a value the user set (THP_MEM_ALLOC_ENABLE=0 turns it off)
+    is kept.
+    """
+    if sys.platform.startswith("linux") and "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 if __name__ == "__main__":

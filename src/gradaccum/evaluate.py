@@ -27,10 +27,10 @@ def eval_loss(loss_module: torch.nn.Module, examples: list[Example], pad_token_i
 
 
 @torch.no_grad()
-def exact_match(model: torch.nn.Module, tokenizer: Any, records: list[dict], device: torch.device,
+def exact_match_accuracy(model: torch.nn.Module, tokenizer: Any, records: list[dict], device: torch.device,
                 max_new_tokens: int = 64, batch_size: int = 16) -> float | None:
     """Fraction of {prompt, completion} records whose greedy continuation equals the completion."""
-    from .tasks import exact_match as matches
+    from .tasks import exact_match
 
     pairs = [(r["prompt"], r["completion"]) for r in records if "prompt" in r and "completion" in r]
     if not pairs:
@@ -58,7 +58,7 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, records: list[dict], dev
             new = out[row, width:].tolist()
             if eos in new:
                 new = new[:new.index(eos)]
-            correct += matches(tokenizer.decode(new, skip_special_tokens=True), completion)
+            correct += exact_match(tokenizer.decode(new, skip_special_tokens=True), completion)
     model.train(was_training)
     return correct / len(pairs)
 

@@ -6,11 +6,10 @@ the whole window over all ranks. A mean taken here would bake in the very
 per-micro-batch normalisation that makes naive accumulation wrong.
 
 At a 49,152-token vocabulary (SmolLM2) the `[tokens, vocab]` logits and their gradient
-dominate activation memory. `chunked_cross_entropy` projects `chunk_size` tokens at a
-time, keeps one logsumexp per token, and recomputes each chunk in backward.
-`linear_cross_entropy_sum` returns the (weighted) sum instead and takes each chunk's gradient
-during the forward, so no chunk is computed twice; `CausalLMLoss` uses it for plain HF causal
-LMs, projecting only the positions that have a target.
+dominate activation memory. `linear_cross_entropy_sum` projects `chunk_size` tokens at a time
+and takes each chunk's gradient during the forward, so no chunk is computed twice and no full
+logits exist; `CausalLMLoss` uses it for plain HF causal LMs, projecting only the positions that
+have a target.
 """
 
 from __future__ import annotations
@@ -119,62 +118,6 @@ def _through_head(grad_logits: torch.Tensor, chunk: torch.Tensor, weight: torch.
             grad_weight += (grad_logits.t() @ chunk).to(grad_weight.dtype)
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of `hidden @ weight.T + bias`, `chunk_size` tokens at a time.
-
-    Saved for backward: the inputs (which exist anyway) and one logsumexp per token. The
-    backward recomputes each chunk's logits, so logits (and logit gradients) only ever exist
-    one `chunk_size x V` block at a time.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, chunk_size):
-        num_tokens = hidden.shape[0]
-        dtype = _accumulation_dtype(hidden.dtype)
-        lse = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
-        loss = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
-        for start in range(0, num_tokens, chunk_size):
-            end = min(start + chunk_size, num_tokens)
-            logits = _chunk_logits(hidden[start:end], weight, bias, dtype)
-            chunk_lse = torch.logsumexp(logits, dim=1)
-            lse[start:end] = chunk_lse
-            loss[start:end] = chunk_lse - logits.gather(1, targets[start:end, None]).squeeze(1)
-            del logits
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(hidden, weight, targets, bias, lse)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        hidden, weight, targets, bias, lse = ctx.saved_tensors
-        need_hidden, need_weight, _, need_bias, _ = ctx.needs_input_grad
-        dtype, chunk_size = lse.dtype, ctx.chunk_size
-        num_tokens, vocab = hidden.shape[0], weight.shape[0]
-        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        # Summed over all chunks in float32/float64, whatever the parameter dtype.
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None
-        if need_hidden or need_weight or need_bias:
-            grad_loss = grad_loss.to(dtype)
-            for start in range(0, num_tokens, chunk_size):
-                end = min(start + chunk_size, num_tokens)
-                chunk = hidden[start:end]
-                # d loss_i / d logits_i = softmax_i - onehot(target_i), times the incoming grad_i.
-                grad_logits = _chunk_logits(chunk, weight, bias, dtype)
-                grad_logits.sub_(lse[start:end, None]).exp_()
-                rows = torch.arange(end - start, device=grad_logits.device)
-                grad_logits[rows, targets[start:end]] -= 1
-                grad_logits.mul_(grad_loss[start:end, None])
-                _through_head(grad_logits, chunk, weight, grad_hidden, start, grad_weight, grad_bias)
-                del grad_logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, None, grad_bias, None
-
-
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i w_i * CE(hidden_i @ weight.T + bias, target_i), with the gradient taken in forward.
 
@@ -267,32 +210,6 @@ def _prepare_head_inputs(name, hidden, weight, targets, bias, chunk_size):
     return hidden, weight, targets, bias
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Per-token cross-entropy of the LM head, `F.cross_entropy(hidden @ weight.T + bias, targets,
-    reduction="none")`, without ever building the `[N, V]` logits or their gradient.
-
-    hidden [N, H], weight [V, H], targets [N] (class indices, every one a target: select the
-    positions first, there is no ignore_index), bias [V] or None. Returns [N] in float32 for
-    half-precision inputs (the softmax is taken in float32), else in the input dtype.
-
-    Extra memory beyond the inputs is O(N) (one logsumexp per token) plus one chunk of
-    `chunk_size x V` logits at a time, in forward and in backward (which recomputes them: any
-    per-token weighting of the result is allowed). Gradients flow to whichever of hidden / weight /
-    bias require them; a frozen head (LoRA) costs no weight-gradient work. Where only a weighted
-    sum is needed, `linear_cross_entropy_sum` does the same without the recompute.
-    """
-    hidden, weight, targets, bias = _prepare_head_inputs("chunked_cross_entropy", hidden, weight, targets,
-                                                         bias, chunk_size)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedCrossEntropy.apply(hidden, weight, targets, bias, chunk_size)
-
-
 def linear_cross_entropy_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -301,13 +218,18 @@ def linear_cross_entropy_sum(
     weights: torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """`sum_i weights_i * CE(hidden_i @ weight.T + bias, targets_i)` (weights default to 1): a scalar.
+    """`sum_i weights_i * CE(hidden_i @ weight.T + bias, targets_i)` (weights default to 1): a scalar,
+    without ever building the `[N, V]` logits or their gradient.
 
-    The same inputs and memory bound as `chunked_cross_entropy`, but the gradient is formed during
-    the forward, chunk by chunk, so each chunk's logits are computed once instead of twice (the
-    head's three matmuls, as in the plain path). Held from forward to backward: grad_hidden [N, H]
-    and, for a trainable head, the weight gradient [V, H] in float32/float64. Under no_grad, or with
-    nothing requiring a gradient, only the loss is computed.
+    hidden [N, H], weight [V, H], targets [N] (class indices, every one a target: select the
+    positions first, there is no ignore_index), bias [V] or None. The sum is float32 for
+    half-precision inputs (the softmax is taken in float32), else in the input dtype.
+
+    The gradient is formed during the forward, chunk by chunk (`chunk_size x V` logits at a time),
+    so each chunk's logits are computed once (the head's three matmuls, as in the plain path).
+    Held from forward to backward: grad_hidden [N, H] and, for a trainable head, the weight
+    gradient [V, H] in float32/float64; a frozen head (LoRA) costs no weight-gradient work. Under
+    no_grad, or with nothing requiring a gradient, only the loss is computed.
     """
     hidden, weight, targets, bias = _prepare_head_inputs("linear_cross_entropy_sum", hidden, weight, targets,
                                                          bias, chunk_size)

@@ -20,16 +20,16 @@ How a micro-batch size is measured -- one *probe*:
     an out-of-memory error counts as "does not fit".
   - the optimizer state does not exist yet, so it is added: 2 x the trainable parameter bytes
     (AdamW's exp_avg and exp_avg_sq, in the parameters' dtype);
-  - the optimizer step itself runs after the activations are gone but allocates temporaries: up to
-    2 x the largest parameter (torch's for-loop AdamW), counted on top of the memory held after the
-    probe's backward. For small micro-batches that step, not the backward, is the peak.
+  - the optimizer step runs after the activations are gone. torch's for-loop and for-each AdamW
+    allocate temporaries of up to 2 x the largest parameter there, which for small micro-batches
+    makes the step, not the backward, the peak; they are counted on top of the memory held after
+    the probe's backward. `gradaccum train` steps a fused AdamW, which allocates none, so for it the
+    term is a margin; it keeps the prediction safe for loops that step the default AdamW.
 Predicted training peak(m) = max(probe peak(m), after-backward + step temporaries) + optimizer state;
-m fits when that is at most 85% of the budget: over a whole run, allocator fragmentation adds to what
-one probe sees (SmolLM2-135M, CPU, micro-batches of exactly 2 x 256 tokens: the training peaks at
-accumulation 2 to 16 came out 9-12% above the prediction; at accumulation 1, where gradients and
-activations never fully coexist, 5-14% below; benchmarks/results/memory.md). On the CPU the RSS a
-probe reads also depends on the allocator's history: the same probe repeated later in a process reads
-up to ~8% higher (conservative).
+m fits when that is at most 85% of the budget: over a whole run of many micro-batches allocator
+fragmentation adds to what one probe sees (how much: benchmarks/README.md, "The micro-batch
+finder"). On the CPU the RSS a probe reads also depends on the allocator's history, which only
+makes it read high.
 
 The search never probes a size predicted not to fit (on the CPU an oversized probe is not an
 exception but the kernel's OOM killer): it probes m = 1 and the next divisor, fits peak(m) = a + b m,
@@ -53,6 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .config import parse_size
+from .errors import ConfigError
 
 __all__ = [
     "peak_rss_bytes",
@@ -154,34 +157,6 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 # ---------------------------------------------------------------------------------------------
 # Sizes
 
-_UNITS = {"": 1, "b": 1,
-          "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40,  # a bare letter: binary, like `free -g`
-          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-
-
-def parse_size(value: str | int | float) -> int:
-    """Bytes in a size: 4GB = 4e9, 4GiB = 4G = 4 x 2^30, 512MiB, 1.5 GB, 1000000 (bytes).
-
-    Decimal units (KB, MB, GB, TB) are powers of 1000 and binary ones (KiB, ..., or a bare K, M, G, T)
-    powers of 1024; case does not matter. Raises ValueError naming the value otherwise.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"memory size must be a number of bytes or a string like '4GB', got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read memory size {value!r}: use a number of bytes or e.g. 4GB, 4GiB, "
-                             f"512MiB, 1.5GB")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = number * _UNITS[unit]
-    if not math.isfinite(size) or size <= 0:
-        raise ValueError(f"memory size must be positive, got {value!r}")
-    return int(size)
-
-
 def format_size(num_bytes: float) -> str:
     """1536 MiB -> '1.50 GiB'; binary units, three significant digits."""
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
@@ -229,7 +204,7 @@ def default_budget_bytes(device: torch.device | str = "cpu", fraction: float = 0
         try:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
-            raise ValueError("cannot tell how much memory this machine has: pass --memory-budget") from None
+            raise ConfigError("cannot tell how much memory this machine has: pass --memory-budget") from None
     room = _cgroup_room_bytes()
     if room is not None:
         available = min(available, room)
@@ -280,7 +255,7 @@ def search_micro_batch_size(candidates: Sequence[int], probe: Callable[[int], in
     if not measure(candidates[0]):
         peak = result.probes[candidates[0]]
         need = "runs out of memory" if peak is None else f"needs about {format_size(peak)}"
-        raise ValueError(f"--micro-batch-size auto: even a micro-batch of {candidates[0]} {need}, more than the "
+        raise ConfigError(f"--micro-batch-size auto: even a micro-batch of {candidates[0]} {need}, more than the "
                          f"{format_size(limit_bytes)} the memory budget allows; raise --memory-budget, "
                          f"lower --max-length, or use --lora")
     best = 0  # index of the largest candidate known to fit
@@ -381,8 +356,8 @@ def _make_probe(loss_module: torch.nn.Module, examples: Sequence[Any], pad_token
             else:
                 peak, after = _window_peak_rss_bytes(), current_rss_bytes()
             # The optimizer step comes later, with parameters and gradients resident and the activations
-            # gone: AdamW's state plus its temporaries (up to two of the largest parameter's size in
-            # torch's for-loop implementation) may peak above the backward for small micro-batches.
+            # gone: AdamW's state plus its temporaries (see the module docstring) may peak above the
+            # backward for small micro-batches.
             peak = max(peak, after + step_temporary_bytes)
         except torch.cuda.OutOfMemoryError:
             peak = None
@@ -436,12 +411,12 @@ def find_micro_batch_size(loss_module: torch.nn.Module, examples: Sequence[Any],
     device = torch.device(device)
     batch_size = getattr(config, "batch_size", None)
     if not batch_size or batch_size < 1:
-        raise ValueError("--micro-batch-size auto needs --batch-size")
+        raise ConfigError("--micro-batch-size auto needs --batch-size")
     if not examples:
-        raise ValueError("--micro-batch-size auto: no training examples to measure with")
+        raise ConfigError("--micro-batch-size auto: no training examples to measure with")
     world = distributed.world_size()
     if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of the world size {world}")
+        raise ConfigError(f"--batch-size {batch_size} is not a multiple of the world size {world}")
     per_rank = batch_size // world
     budget_value = getattr(config, "memory_budget", None)
     budget = parse_size(budget_value) if budget_value is not None else default_budget_bytes(device)

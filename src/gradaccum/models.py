@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 __all__ = [
     "ModelError",
     "build_tokenizer",
@@ -27,12 +29,9 @@ __all__ = [
     "load_model",
     "apply_lora",
     "save_final",
+    "final_state_dict",
     "count_parameters",
 ]
-
-
-class ModelError(ValueError):
-    """A model spec or option the user got wrong; the message is one line, ready for the CLI."""
 
 
 # The byte tokenizer's special tokens follow the 256 byte tokens, so these ids are fixed.
@@ -348,6 +347,24 @@ def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge
     return what
 
 
+def final_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The final weights as `save_final` writes a full model: CPU copies, a LoRA model merged, a tied
+    tensor (embeddings and LM head) once, under its first name. `state_dict` as in `save_final`."""
+    if state_dict is not None:
+        state = _share_tied(model, state_dict)
+    elif _is_peft_model(model):
+        state = copy.deepcopy(model).merge_and_unload().state_dict()  # a copy: see save_final
+    else:
+        state = model.state_dict()
+    kept, seen = {}, set()
+    for name, tensor in state.items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        kept[name] = tensor.detach().to("cpu", copy=True)
+    return kept
+
+
 def _share_tied(model: nn.Module, state_dict: dict) -> dict:
     """Make names that share one parameter in `model` share one tensor in `state_dict`.
 
@@ -396,9 +413,9 @@ def own_memory(params: list[torch.Tensor]) -> None:
     """Copy trainable CPU parameters out of the weights file's read-only memory map into private memory.
 
     transformers maps safetensors files and hands out parameters that still point into the mapping, so
-    the first optimizer step copies each 4 KiB page on write, one page fault at a time: 1.7 s for
-    SmolLM2-135M's 540 MB, against 0.2 s for one copy up front. Ties survive: the Parameter objects are
-    the same, only their storage moves. Frozen parameters (LoRA's base) stay mapped; nothing writes them.
+    the first optimizer step would copy each 4 KiB page on write, one page fault at a time, far slower
+    than one copy up front (benchmarks/README.md). Ties survive: the Parameter objects are the same,
+    only their storage moves. Frozen parameters (LoRA's base) stay mapped; nothing writes them.
     """
     with torch.no_grad():
         for p in params:

@@ -25,11 +25,8 @@ itself a bf16 number, 3 significant digits, and clipping bf16 gradients rounds t
 Optimizers that can use float32 gradients directly (e.g. one keeping float32 master weights) read
 `grads()` instead of `.grad`.
 
-Measured (tests/test_precision.py: a bf16 tiny Llama, K=16 micro-batches of different sizes),
-relative L2 error of the window's gradient against the exact float64 sum of the same bf16
-micro-batch gradients: bf16 `.grad` accumulation 4.5e-3; float32 accumulation cast once 1.7e-3 (the
-rounding of one cast to bf16); the float32 sums themselves 7e-10. Against the float32 model's
-gradient (bf16 forward/backward error included): 6.4e-3, 4.9e-3 and 4.6e-3.
+What it gains, measured on a bf16 tiny Llama (tests/test_precision.py): benchmarks/README.md,
+"fp32 gradient accumulation". What remains is the one cast to bf16.
 
 Memory: 4 bytes per trainable parameter for the float32 buffers (bf16 `.grad` would take 2), held from
 the first backward of a window until `flush()`, which frees them. Parameters already in float32 (or

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .errors import ConfigError
 
 MARKER = ".gradaccum-run"
 RUN_FILES = ("metrics.jsonl", "loss.png", "run_config.json", MARKER)
@@ -37,19 +38,19 @@ def is_run(output: Path) -> bool:
 def check(output: Path, config: TrainConfig, has_checkpoint: bool) -> None:
     """Refuse an --output this run must not write into; read only, write nothing."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output}: is a file, not a folder")
+        raise ConfigError(f"--output {output}: is a file, not a folder")
     ancestor = output
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"--output {output}: {ancestor} is a file, not a folder")
+        raise ConfigError(f"--output {output}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: {ancestor} is not writable")
+        raise ConfigError(f"--output {output}: {ancestor} is not writable")
     if config.resume:
         if not has_checkpoint:
-            raise ValueError(f"--resume: no checkpoint in {output}/ to resume from")
+            raise ConfigError(f"--resume: no checkpoint in {output}/ to resume from")
     elif output.is_dir() and _has_entries(output) and not is_run(output):
-        raise ValueError(f"--output {output}/ is not empty and is not a gradaccum run folder (it has no {MARKER}); "
+        raise ConfigError(f"--output {output}/ is not empty and is not a gradaccum run folder (it has no {MARKER}); "
                          "gradaccum neither writes into nor deletes from it: choose a new or empty folder")
     run_file = output / "run_config.json"
     if not run_file.is_file():
@@ -62,17 +63,17 @@ def check(output: Path, config: TrainConfig, has_checkpoint: bool) -> None:
     changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if changed and not config.overwrite:
         k = changed[0]
-        raise ValueError(f"{output}/ holds a different run ({k}: {old.get(k)!r} there, {new[k]!r} now); "
+        raise ConfigError(f"{output}/ holds a different run ({k}: {old.get(k)!r} there, {new[k]!r} now); "
                          "use another --output or --overwrite")
     if not config.resume and not config.overwrite:
-        raise ValueError(f"{output}/ already holds a run; pass --resume to continue it or --overwrite")
+        raise ConfigError(f"{output}/ already holds a run; pass --resume to continue it or --overwrite")
 
 
 def _has_entries(folder: Path) -> bool:
     try:
         return any(folder.iterdir())
     except OSError as exc:
-        raise ValueError(f"--output {folder}: cannot list it: {exc.strerror or exc}") from None
+        raise ConfigError(f"--output {folder}: cannot list it: {exc.strerror or exc}") from None
 
 
 def remove_run_files(output: Path) -> list[Path]:

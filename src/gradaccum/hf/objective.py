@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError, ModelError
+
 IGNORE_INDEX = -100
 
 
@@ -23,7 +25,7 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
 def logits_of(outputs) -> torch.Tensor:
     logits = outputs if torch.is_tensor(outputs) else getattr(outputs, "logits", None)
     if not torch.is_tensor(logits):
-        raise ValueError(f"make_exact: the model returned {type(outputs).__name__} without a .logits tensor")
+        raise ModelError(f"make_exact: the model returned {type(outputs).__name__} without a .logits tensor")
     return logits
 
 
@@ -157,7 +159,7 @@ def candidates_for(model, logits: torch.Tensor, labels: torch.Tensor, normalize:
     if logits.dim() == 2 and labels.dim() in (1, 2) and logits.shape[0] == labels.shape[0]:
         problem_type = problem_type_of(config, labels)
         if base.smoothing and problem_type != "single_label_classification":
-            raise ValueError(f"make_exact: label_smoothing_factor={base.smoothing} with a {problem_type} head "
+            raise ConfigError(f"make_exact: label_smoothing_factor={base.smoothing} with a {problem_type} head "
                              f"({name}): label smoothing applies to class labels only; set it to 0")
         return [replace(base, level="sequence", normalize="samples", problem_type=problem_type)]
     if logits.dim() == 3 and labels.dim() == 2 and logits.shape[:2] == labels.shape:
@@ -166,7 +168,7 @@ def candidates_for(model, logits: torch.Tensor, labels: torch.Tensor, normalize:
             # The decoder reads the labels shifted right, so logits[t] predicts labels[t].
             return [replace(base, normalize=normalize)]
         return [replace(base, shift=True, normalize=normalize), replace(base, shift=False, normalize=normalize)]
-    raise ValueError(f"make_exact: {name} returns logits of shape {tuple(logits.shape)} for labels of shape "
+    raise ModelError(f"make_exact: {name} returns logits of shape {tuple(logits.shape)} for labels of shape "
                      f"{tuple(labels.shape)}; it handles token-level heads (logits [batch, time, vocab]) and "
                      "sequence-level heads (logits [batch, classes]) only")
 

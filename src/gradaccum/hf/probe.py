@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from .. import distributed as dist_utils
+from ..errors import DataError, ModelError
 from .objective import IGNORE_INDEX, Objective, base_model, candidates_for, logits_of, upcast
 
 _PROBE_POSITIONS = 64  # the crafted label is placed among this many positions of one row (memory: 64 x vocab)
@@ -87,9 +88,9 @@ def _verdicts(trainer, model, inputs: dict, normalize: str) -> tuple[list[Object
     """The candidate objectives, whether each reproduces the trainer's own loss ([shift, no shift]
     flags), and the numbers, for the message."""
     if "labels" not in inputs or not torch.is_tensor(inputs["labels"]):
-        raise ValueError("make_exact: the training batches have no 'labels' tensor; it counts targets from them")
+        raise DataError("make_exact: the training batches have no 'labels' tensor; it counts targets from them")
     if "shift_labels" in inputs:
-        raise ValueError("make_exact: batches with 'shift_labels' (context/sequence parallelism) are not supported")
+        raise DataError("make_exact: batches with 'shift_labels' (context/sequence parallelism) are not supported")
     inner = base_model(model)
     smoothing = float(getattr(getattr(trainer, "label_smoother", None), "epsilon", 0.0) or 0.0)
     base = Objective("token", smoothing=smoothing,
@@ -136,7 +137,7 @@ def resolve_objective(trainer, batch: dict | None, normalize: str, trainer_name:
     if len(matching) != 1:
         why = ("both alignments of labels with logits fit it" if matching else
                "it is not a mean of per-target losses of the logits (an auxiliary loss? a custom compute_loss?)")
-        raise ValueError(f"make_exact: cannot make {trainer_name} with {type(base_model(model)).__name__} "
+        raise ModelError(f"make_exact: cannot make {trainer_name} with {type(base_model(model)).__name__} "
                          f"exact: on the first micro-batch, {report}; {why}. For a custom loss, train with "
                          "gradaccum.Accumulator and window.scale(summed_loss)")
     return matching[0]

@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from .. import distributed as dist_utils
+from ..errors import ConfigError
 from .head import choose_head, chunked_loss_sum
 from .objective import Objective, logits_of
 from .probe import resolve_objective
@@ -127,44 +128,44 @@ def _reduction_of(trainer) -> dist_utils.GradientReduction:
     """At the first window, when the model is wrapped: how its gradients are reduced over ranks; DDP
     (or one process) only, which we can verify."""
     if getattr(trainer.accelerator, "gradient_accumulation_steps", 1) != 1:
-        raise ValueError("make_exact: accelerate's gradient_accumulation_steps must be 1 (Trainer sets it so); "
+        raise ConfigError("make_exact: accelerate's gradient_accumulation_steps must be 1 (Trainer sets it so); "
                          "set the accumulation with TrainingArguments.gradient_accumulation_steps")
     wrapped = dist_utils.unwrap_compiled(trainer.model_wrapped)
     if dist_utils.world_size() > 1 and not isinstance(wrapped, DistributedDataParallel):
-        raise ValueError(f"make_exact: {dist_utils.world_size()} processes but the model is a "
+        raise ConfigError(f"make_exact: {dist_utils.world_size()} processes but the model is a "
                          f"{type(wrapped).__name__}, not DistributedDataParallel; launch with torchrun so that "
                          "Trainer wraps it")
     try:
         return dist_utils.describe(trainer.model_wrapped)
     except ValueError as exc:  # e.g. a DDP communication hook that may not average
-        raise ValueError(f"make_exact: {exc}") from exc
+        raise ConfigError(f"make_exact: {exc}") from exc
 
 
 def _check_supported(trainer) -> None:
     """Refuse, before training, what make_exact cannot make the big batch."""
     args = trainer.args
     if getattr(trainer, "compute_loss_func", None) is not None:
-        raise ValueError("make_exact: compute_loss_func is set; gradaccum computes the training loss itself and "
+        raise ConfigError("make_exact: compute_loss_func is set; gradaccum computes the training loss itself and "
                          "cannot verify a custom one. Remove it, or train with gradaccum.Accumulator and "
                          "window.scale(summed_loss)")
     if getattr(args, "n_gpu", 1) > 1:
-        raise ValueError(f"make_exact: {args.n_gpu} GPUs in one process (nn.DataParallel); launch one process per "
+        raise ConfigError(f"make_exact: {args.n_gpu} GPUs in one process (nn.DataParallel); launch one process per "
                          "GPU with torchrun, which make_exact supports (DDP)")
     for flag, what in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP"),
                        ("is_fsdp_xla_enabled", "FSDP on XLA")):
         if getattr(trainer, flag, False):
-            raise ValueError(f"make_exact: {what} is not supported (how it reduces gradients is not verified "
+            raise ConfigError(f"make_exact: {what} is not supported (how it reduces gradients is not verified "
                              "here); use DDP (torchrun) or one process")
     parallelism = getattr(trainer.accelerator, "parallelism_config", None)
     for kind in ("tp", "cp", "sp"):
         if parallelism is not None and getattr(parallelism, f"{kind}_enabled", False):
-            raise ValueError(f"make_exact: {kind.upper()} parallelism is not supported; use DDP (torchrun)")
+            raise ConfigError(f"make_exact: {kind.upper()} parallelism is not supported; use DDP (torchrun)")
     loss_type = getattr(args, "loss_type", None)
     if loss_type not in (None, "nll"):
-        raise ValueError(f"make_exact: {type(args).__name__}.loss_type={loss_type!r} is not a token cross-entropy; "
+        raise ConfigError(f"make_exact: {type(args).__name__}.loss_type={loss_type!r} is not a token cross-entropy; "
                          "make_exact handles loss_type='nll' only")
     if getattr(trainer, "aux_loss_enabled", False):
-        raise ValueError("make_exact: the MoE router auxiliary loss is a per-micro-batch statistic that no "
+        raise ConfigError("make_exact: the MoE router auxiliary loss is a per-micro-batch statistic that no "
                          "accumulation reproduces; set router_aux_loss_coef=0.0 to train without it")
 
 
@@ -186,9 +187,9 @@ def _exact_class(cls: type) -> type:
 
 def _set_up(trainer, normalize: str, chunked: bool) -> None:
     if normalize not in NORMALIZE_CHOICES:
-        raise ValueError(f"make_exact: normalize must be one of {', '.join(NORMALIZE_CHOICES)}; got {normalize!r}")
+        raise ConfigError(f"make_exact: normalize must be one of {', '.join(NORMALIZE_CHOICES)}; got {normalize!r}")
     if not isinstance(chunked, bool):
-        raise ValueError(f"make_exact: chunked must be True or False; got {chunked!r}")
+        raise ConfigError(f"make_exact: chunked must be True or False; got {chunked!r}")
     _check_supported(trainer)
     trainer._gradaccum = _State(normalize=normalize, chunked=chunked)
     trainer.loss_is_scaled_for_ga = True
@@ -208,7 +209,7 @@ def make_exact(trainer, normalize: str = "auto", chunked: bool = True):
     checked at the first window.
     """
     if not isinstance(trainer, Trainer):
-        raise ValueError(f"make_exact: expected a transformers.Trainer (or subclass) instance, got "
+        raise ConfigError(f"make_exact: expected a transformers.Trainer (or subclass) instance, got "
                          f"{type(trainer).__name__}")
     _set_up(trainer, normalize, chunked)
     trainer.__class__ = _exact_class(type(trainer))
