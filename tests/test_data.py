@@ -110,7 +110,8 @@ def test_the_documented_message_format(tmp_path):
     ('{"messages": ["hi"]}', "'messages[0]'"),
     ('{"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}', "'messages[1].role'"),
     ('{"messages": [{"role": "user", "content": {"x": 1}}]}', "'messages[0].content'"),
-    ('{"input": "x", "output": "y"}', "'text'"),
+    ('{"input": "x", "output": "y"}', "'instruction'"),
+    ('{"input": "x", "answer": "y"}', "'text'"),
     ('{"text": "x", "prompt": "y", "completion": "z"}', "'text'"),
 ])
 def test_bad_field_names_file_line_and_field(tmp_path, line, field):
@@ -187,7 +188,9 @@ def test_prompt_completion_token_across_the_boundary_is_a_target():
     prompt, completion = "reverse: rev", "erse"
     whole = encode(tokenizer, prompt + completion)
     assert whole != encode(tokenizer, prompt) + encode(tokenizer, completion)
-    [example], stats = tokenize([(1, {"prompt": prompt, "completion": completion})], tokenizer, max_length=100)
+    [example], stats = tokenize([(1, {"prompt": prompt, "completion": completion})], tokenizer, max_length=100,
+                                chat_template=False)
+    assert stats.pairs_as == "raw"
     assert example.input_ids == [tokenizer.bos_token_id] + whole + [tokenizer.eos_token_id]
     num_prompt = len(encode(tokenizer, "reverse:"))  # the tokens wholly inside the prompt
     assert example.labels == [IGNORE_INDEX] * (1 + num_prompt) + example.input_ids[1 + num_prompt:]
@@ -207,7 +210,7 @@ def test_text_loss_on_every_token_but_bos():
 
 def test_no_bos_when_the_tokenizer_has_none():
     tokenizer = make_tokenizer(with_bos=False)
-    [example], _ = tokenize([{"prompt": "a =", "completion": " b"}], tokenizer, max_length=100)
+    [example], _ = tokenize([{"prompt": "a =", "completion": " b"}], tokenizer, max_length=100, chat_template=False)
     assert example.input_ids == encode(tokenizer, "a =") + encode(tokenizer, " b") + [tokenizer.eos_token_id]
 
 
@@ -320,7 +323,7 @@ def test_prompt_completion_ids_are_the_whole_text_ids(kind):
     tokenizer = toy.toy_tokenizer(kind)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     records = [{"prompt": prompt, "completion": completion} for prompt, completion in PROMPT_RECORDS]
-    examples, stats = tokenize(records, tokenizer, max_length=100)
+    examples, stats = tokenize(records, tokenizer, max_length=100, chat_template=False)
     for (prompt, completion), example in zip(PROMPT_RECORDS, examples):
         assert example.input_ids == [bos] + encode(tokenizer, prompt + completion) + [eos]
         num_prompt = example.labels.count(IGNORE_INDEX)
@@ -366,7 +369,7 @@ def test_control_token_strings_in_text_and_prompts_are_plain_text(kind):
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prompt, completion = "stop at </s> or <|im_end|> =", " </s> <|im_start|>"
     [text, pair], _ = tokenize([{"text": CONTROL_TEXT}, {"prompt": prompt, "completion": completion}],
-                               tokenizer, max_length=200)
+                               tokenizer, max_length=200, chat_template=False)
     assert text.input_ids == [bos] + plain.encode(CONTROL_TEXT, add_special_tokens=False).ids + [eos]
     assert pair.input_ids == [bos] + plain.encode(prompt + completion, add_special_tokens=False).ids + [eos]
     assert toy.surface(tokenizer, targets(pair)) == completion + "</s>"
@@ -425,7 +428,7 @@ def test_tiny_tokenizer_ids_are_the_utf8_bytes():
 
     tokenizer = build_tokenizer()
     records = [{"prompt": "copy: é =", "completion": " é"}, {"text": "a </s> <|eos|> b"}]
-    [pair, text], _ = tokenize(records, tokenizer, max_length=100)
+    [pair, text], _ = tokenize(records, tokenizer, max_length=100, chat_template=False)
     assert pair.input_ids == [BOS_ID, *"copy: é = é".encode(), EOS_ID]
     assert pair.labels == [IGNORE_INDEX] * (1 + len("copy: é =".encode())) + [*" é".encode(), EOS_ID]
     assert text.input_ids == [BOS_ID, *"a </s> <|eos|> b".encode(), EOS_ID]
