@@ -20,6 +20,7 @@ from gradaccum.data import (
     pack,
     padding_fraction,
     read_jsonl,
+    read_records,
     split_window,
     tokenize,
     window_indices,
@@ -289,10 +290,12 @@ def test_tokenize_rejects_bad_max_length_and_bad_records():
 
 def test_bundled_format_examples_tokenize():
     tokenizer = make_tokenizer()
-    for name in ("train.jsonl", "eval.jsonl", "chat.jsonl", "text.jsonl"):
+    for name, kind in [("train.jsonl", "prompt_completion"), ("eval.jsonl", "prompt_completion"),
+                       ("chat.jsonl", "messages"), ("text.jsonl", "text"), ("alpaca.json", "alpaca"),
+                       ("sharegpt.jsonl", "sharegpt")]:
         path = EXAMPLES_DIR / name
-        examples, stats = tokenize(read_jsonl(path), tokenizer, max_length=256, path=path)
-        assert stats.num_examples == len(examples) > 0
+        examples, stats = tokenize(read_records(path), tokenizer, max_length=256, path=path)
+        assert stats.num_examples == len(examples) > 0 and stats.num_by_format == {kind: len(examples)}
         assert stats.num_empty_targets == 0 and stats.num_truncated == 0
 
 
