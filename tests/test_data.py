@@ -154,9 +154,11 @@ _json_values = st.recursive(
 )
 # Objects built from the keys that matter, so the fuzz reaches the field checks and the tokenizer too.
 _records = st.dictionaries(
-    st.sampled_from(["text", "prompt", "completion", "messages", "role", "content", "extra"]),
-    _json_values | st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
-                                            st.sampled_from(["user", "assistant", "system"]) | _json_values)),
+    st.sampled_from(["text", "prompt", "completion", "messages", "role", "content", "extra", "instruction", "input",
+                     "output", "conversations"]),
+    _json_values | st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]),
+                                            st.sampled_from(["user", "assistant", "system", "human", "gpt"])
+                                            | _json_values)),
     max_size=4,
 ).map(json.dumps)
 _lines = st.lists(st.binary(max_size=40) | st.text(max_size=40).map(str.encode) | _records.map(str.encode),
