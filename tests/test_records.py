@@ -131,7 +131,7 @@ def test_malformed_files_name_file_record_and_field(tmp_path, name, content, exp
         read_records(path)
 
 
-@pytest.mark.parametrize("record, expected", [
+MALFORMED_RECORDS = [
     ({"instruction": "x", "output": 3}, r":2: field 'output': expected a string, got int"),
     ({"instruction": "x", "input": ["y"], "output": "z"}, r":2: field 'input': expected a string, got list"),
     ({"input": "y", "output": "z"}, r":2: field 'instruction': missing \(an Alpaca record needs"),
@@ -144,11 +144,15 @@ def test_malformed_files_name_file_record_and_field(tmp_path, name, content, exp
     ({"instruction": "\udfff", "output": "z"}, r":2: field 'instruction': holds a lone UTF-16 surrogate"),
     ({"text": "x", "instruction": "y", "output": "z"},
      r":2: fields \['text', 'instruction', 'output'\] belong to different formats \(text, alpaca\)"),
+]
+
+
+@pytest.mark.parametrize("name, record, expected", [
+    (name, record, expected) for name in ["data.jsonl", "data.json", "data.parquet", "saved"]
+    for record, expected in MALFORMED_RECORDS
+    if "surrogate" not in expected or name.startswith("data.js")  # Arrow strings are always valid UTF-8
 ])
-@pytest.mark.parametrize("name", ["data.jsonl", "data.json", "data.parquet", "saved"])
 def test_malformed_records_in_each_file_type(tmp_path, name, record, expected):
-    if name in ("data.parquet", "saved") and "\\ud" in json.dumps(record):
-        pytest.skip("Arrow strings are valid UTF-8: a table cannot hold a lone surrogate")
     path = WRITERS[name](tmp_path / name, [{"text": "fine"}, record, {"text": "fine"}])
     with pytest.raises(DataError, match=expected) as error:
         read_records(path)
