@@ -7,6 +7,8 @@ Writes
     src/gradaccum/assets/train.jsonl, eval.jsonl   the same files, shipped inside the package
     examples/data/chat.jsonl                {"messages": [...]} format example
     examples/data/text.jsonl                {"text": ...} format example
+    examples/data/alpaca.json               Alpaca format example, a JSON array
+    examples/data/sharegpt.jsonl            ShareGPT format example
 
 The output is a pure function of the seeds, so rerunning it leaves the files unchanged.
 """
@@ -33,6 +35,24 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         for record in records:
             f.write(json.dumps(record) + "\n")
     print(f"wrote {len(records):5d} records, {path.stat().st_size / 1024:6.1f} KiB: {path.relative_to(ROOT)}")
+
+
+def write_json(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {len(records):5d} records, {path.stat().st_size / 1024:6.1f} KiB: {path.relative_to(ROOT)}")
+
+
+def alpaca_record(pair: dict) -> dict:
+    """"reverse: abc =" -> instruction "reverse", input "abc"; a prompt with no ":" has no input."""
+    prompt = pair["prompt"].removesuffix(" =")
+    instruction, _, given = prompt.partition(": ")
+    return {"instruction": instruction, "input": given, "output": pair["completion"].strip()}
+
+
+def sharegpt_record(chat: dict) -> dict:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in chat["messages"]]}
 
 
 def chat_records(pairs: list[dict], rng: random.Random) -> list[dict]:
@@ -62,6 +82,11 @@ def main() -> None:
     write_jsonl(EXAMPLES / "chat.jsonl", chat_records(pairs, random.Random(FORMAT_SEED)))
     text = [{"text": record["prompt"] + record["completion"]} for record in pairs[-NUM_FORMAT_EXAMPLES:]]
     write_jsonl(EXAMPLES / "text.jsonl", text)
+
+    more = tasks.generate(3 * NUM_FORMAT_EXAMPLES, seed=FORMAT_SEED + 1)
+    write_json(EXAMPLES / "alpaca.json", [alpaca_record(pair) for pair in more[:NUM_FORMAT_EXAMPLES]])
+    chats = chat_records(more[NUM_FORMAT_EXAMPLES:], random.Random(FORMAT_SEED + 1))
+    write_jsonl(EXAMPLES / "sharegpt.jsonl", [sharegpt_record(chat) for chat in chats])
 
 
 if __name__ == "__main__":

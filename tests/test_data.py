@@ -20,6 +20,7 @@ from gradaccum.data import (
     pack,
     padding_fraction,
     read_jsonl,
+    read_records,
     split_window,
     tokenize,
     window_indices,
@@ -110,7 +111,8 @@ def test_the_documented_message_format(tmp_path):
     ('{"messages": ["hi"]}', "'messages[0]'"),
     ('{"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}', "'messages[1].role'"),
     ('{"messages": [{"role": "user", "content": {"x": 1}}]}', "'messages[0].content'"),
-    ('{"input": "x", "output": "y"}', "'text'"),
+    ('{"input": "x", "output": "y"}', "'instruction'"),
+    ('{"input": "x", "answer": "y"}', "'text'"),
     ('{"text": "x", "prompt": "y", "completion": "z"}', "'text'"),
 ])
 def test_bad_field_names_file_line_and_field(tmp_path, line, field):
@@ -157,7 +159,11 @@ def test_lone_surrogate_names_file_line_and_field(tmp_path, line, field):
 
 
 def test_data_error_is_a_value_error():
+    from gradaccum import errors, records
+
     assert issubclass(DataError, ValueError)
+    # One class wherever it is imported from: the CLI's one-line handler catches GradaccumError.
+    assert DataError is records.DataError is errors.DataError and issubclass(DataError, errors.GradaccumError)
 
 
 _json_values = st.recursive(
@@ -167,9 +173,11 @@ _json_values = st.recursive(
 )
 # Objects built from the keys that matter, so the fuzz reaches the field checks and the tokenizer too.
 _records = st.dictionaries(
-    st.sampled_from(["text", "prompt", "completion", "messages", "role", "content", "extra"]),
-    _json_values | st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
-                                            st.sampled_from(["user", "assistant", "system"]) | _json_values)),
+    st.sampled_from(["text", "prompt", "completion", "messages", "role", "content", "extra", "instruction", "input",
+                     "output", "conversations"]),
+    _json_values | st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]),
+                                            st.sampled_from(["user", "assistant", "system", "human", "gpt"])
+                                            | _json_values)),
     max_size=4,
 ).map(json.dumps)
 _lines = st.lists(st.binary(max_size=40) | st.text(max_size=40).map(str.encode) | _records.map(str.encode),
@@ -202,7 +210,9 @@ def test_prompt_completion_token_across_the_boundary_is_a_target():
     prompt, completion = "reverse: rev", "erse"
     whole = encode(tokenizer, prompt + completion)
     assert whole != encode(tokenizer, prompt) + encode(tokenizer, completion)
-    [example], stats = tokenize([(1, {"prompt": prompt, "completion": completion})], tokenizer, max_length=100)
+    [example], stats = tokenize([(1, {"prompt": prompt, "completion": completion})], tokenizer, max_length=100,
+                                chat_template=False)
+    assert stats.pairs_as == "raw"
     assert example.input_ids == [tokenizer.bos_token_id] + whole + [tokenizer.eos_token_id]
     num_prompt = len(encode(tokenizer, "reverse:"))  # the tokens wholly inside the prompt
     assert example.labels == [IGNORE_INDEX] * (1 + num_prompt) + example.input_ids[1 + num_prompt:]
@@ -222,7 +232,7 @@ def test_text_loss_on_every_token_but_bos():
 
 def test_no_bos_when_the_tokenizer_has_none():
     tokenizer = make_tokenizer(with_bos=False)
-    [example], _ = tokenize([{"prompt": "a =", "completion": " b"}], tokenizer, max_length=100)
+    [example], _ = tokenize([{"prompt": "a =", "completion": " b"}], tokenizer, max_length=100, chat_template=False)
     assert example.input_ids == encode(tokenizer, "a =") + encode(tokenizer, " b") + [tokenizer.eos_token_id]
 
 
@@ -301,10 +311,12 @@ def test_tokenize_rejects_bad_max_length_and_bad_records():
 
 def test_bundled_format_examples_tokenize():
     tokenizer = make_tokenizer()
-    for name in ("train.jsonl", "eval.jsonl", "chat.jsonl", "text.jsonl"):
+    for name, kind in [("train.jsonl", "prompt_completion"), ("eval.jsonl", "prompt_completion"),
+                       ("chat.jsonl", "messages"), ("text.jsonl", "text"), ("alpaca.json", "alpaca"),
+                       ("sharegpt.jsonl", "sharegpt")]:
         path = EXAMPLES_DIR / name
-        examples, stats = tokenize(read_jsonl(path), tokenizer, max_length=256, path=path)
-        assert stats.num_examples == len(examples) > 0
+        examples, stats = tokenize(read_records(path), tokenizer, max_length=256, path=path)
+        assert stats.num_examples == len(examples) > 0 and stats.num_by_format == {kind: len(examples)}
         assert stats.num_empty_targets == 0 and stats.num_truncated == 0
 
 
@@ -335,7 +347,7 @@ def test_prompt_completion_ids_are_the_whole_text_ids(kind):
     tokenizer = toy.toy_tokenizer(kind)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     records = [{"prompt": prompt, "completion": completion} for prompt, completion in PROMPT_RECORDS]
-    examples, stats = tokenize(records, tokenizer, max_length=100)
+    examples, stats = tokenize(records, tokenizer, max_length=100, chat_template=False)
     for (prompt, completion), example in zip(PROMPT_RECORDS, examples):
         assert example.input_ids == [bos] + encode(tokenizer, prompt + completion) + [eos]
         num_prompt = example.labels.count(IGNORE_INDEX)
@@ -381,7 +393,7 @@ def test_control_token_strings_in_text_and_prompts_are_plain_text(kind):
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prompt, completion = "stop at </s> or <|im_end|> =", " </s> <|im_start|>"
     [text, pair], _ = tokenize([{"text": CONTROL_TEXT}, {"prompt": prompt, "completion": completion}],
-                               tokenizer, max_length=200)
+                               tokenizer, max_length=200, chat_template=False)
     assert text.input_ids == [bos] + plain.encode(CONTROL_TEXT, add_special_tokens=False).ids + [eos]
     assert pair.input_ids == [bos] + plain.encode(prompt + completion, add_special_tokens=False).ids + [eos]
     assert toy.surface(tokenizer, targets(pair)) == completion + "</s>"
@@ -440,7 +452,7 @@ def test_tiny_tokenizer_ids_are_the_utf8_bytes():
 
     tokenizer = build_tokenizer()
     records = [{"prompt": "copy: é =", "completion": " é"}, {"text": "a </s> <|eos|> b"}]
-    [pair, text], _ = tokenize(records, tokenizer, max_length=100)
+    [pair, text], _ = tokenize(records, tokenizer, max_length=100, chat_template=False)
     assert pair.input_ids == [BOS_ID, *"copy: é = é".encode(), EOS_ID]
     assert pair.labels == [IGNORE_INDEX] * (1 + len("copy: é =".encode())) + [*" é".encode(), EOS_ID]
     assert text.input_ids == [BOS_ID, *"a </s> <|eos|> b".encode(), EOS_ID]

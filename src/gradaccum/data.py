@@ -1,13 +1,15 @@
-"""JSONL data -> token ids and label masks -> windows and micro-batches.
+"""Records -> token ids and label masks -> windows and micro-batches.
 
-Three record formats, detected per line (one file may mix them):
+Reading files into records is `records.py` (`read_records`, re-exported here); what each format trains on:
 
-    {"text": "..."}                                  loss on every token
-    {"prompt": "...", "completion": "..."}           loss on the completion and EOS only
-    {"messages": [{"role": "...", "content": "..."}, ...]}   chat template, loss on assistant turns
+    text                       [BOS] text [EOS], loss on every token
+    prompt_completion, alpaca  with a chat template (the default when the tokenizer has one): a user turn
+                               and an assistant turn, loss on the assistant turn; else [BOS] prompt
+                               completion [EOS], loss on the completion and EOS only
+    messages, sharegpt         chat template, loss on the assistant turns
 
 Labels equal the input ids where the loss applies and -100 elsewhere; the causal shift is left to
-the loss. Every mistake in a file raises `DataError` naming the file, line and field.
+the loss. Every mistake in a file raises `DataError` naming the file, record and field.
 
 The data order is what makes accumulation checkable: `window_indices` fixes which examples form
 optimizer step t from (number of examples, batch size B, seed, epoch) alone, and `split_window` only
@@ -16,11 +18,9 @@ distributes a window over ranks and micro-batches. So any split of B sees the sa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -28,14 +28,18 @@ import torch
 
 from .encoding import Encoder, encode_chat, in_spans
 from .errors import DataError
+from .records import FORMATS, as_messages, as_pair, read_jsonl, read_records, record_format
 
 __all__ = [
     "IGNORE_INDEX",
+    "FORMATS",
     "DataError",
     "Example",
     "DataStats",
+    "read_records",
     "read_jsonl",
     "tokenize",
+    "generation_pair",
     "collate",
     "window_indices",
     "split_window",
@@ -60,120 +64,10 @@ class DataStats:
     num_tokens: int = 0  # input tokens after truncation
     num_target_tokens: int = 0  # after the causal shift, i.e. what the loss counts
     max_example_tokens: int = 0  # the longest example before truncation, to help choose max_length
-    num_by_format: dict[str, int] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and validating
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """`(line number, record)` for every non-blank line of a JSONL file; line numbers start at 1.
-
-    Each record is checked to be one of the three formats (extra keys are allowed and ignored) and to
-    hold only valid Unicode text.
-    """
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSONL file") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
-
-    records = []
-    # Split on b"\n" only: str.splitlines would also split on characters that JSON strings may hold.
-    for line_number, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{line_number}"
-        try:
-            # utf-8-sig drops a byte-order mark, which some editors write at the start of a file.
-            text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not valid UTF-8 (byte {error.start + 1})") from None
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from None
-        except (ValueError, RecursionError) as error:  # e.g. an integer with too many digits, deep nesting
-            raise DataError(f"{where}: invalid JSON: {type(error).__name__}: {str(error)[:100]}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
-        _record_format(record, where)
-        if (name := _first_non_unicode_field(record)) is not None:
-            # JSON can spell a lone UTF-16 surrogate; Python keeps it in the str, and a tokenizer then
-            # fails with an error that names neither the file nor the line.
-            raise DataError(f"{where}: field '{name}': holds a lone UTF-16 surrogate (such as \\ud800), which "
-                            "is not valid Unicode text")
-        records.append((line_number, record))
-    if not records:
-        raise DataError(f"{path}: no records (the file is empty or blank)")
-    return records
-
-
-def _first_non_unicode_field(value: Any, name: str = "") -> str | None:
-    """The first string field (as 'messages[0].content') that cannot be encoded as UTF-8, else None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return name
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        where = f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}" if name else str(key)
-        if (found := _first_non_unicode_field(item, where)) is not None:
-            return found
-    return None
-
-
-def _type_name(value: Any) -> str:
-    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list",
-             dict: "object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _expect_string(value: Any, where: str, name: str) -> None:
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}': expected a string, got {_type_name(value)}")
-
-
-def _record_format(record: dict, where: str) -> str:
-    """The record's format, "text", "prompt" or "messages"; a DataError for anything else."""
-    has_text, has_messages = "text" in record, "messages" in record
-    has_prompt = "prompt" in record or "completion" in record
-    if has_text + has_messages + has_prompt > 1:
-        present = [key for key in ("text", "prompt", "completion", "messages") if key in record]
-        # Guessing which one was meant would silently train on the wrong tokens.
-        raise DataError(f"{where}: fields {present} belong to different formats; use one of 'text', "
-                        "'prompt'+'completion' or 'messages'")
-    if has_text:
-        _expect_string(record["text"], where, "text")
-        return "text"
-    if has_prompt:
-        for name in ("prompt", "completion"):
-            if name not in record:
-                raise DataError(f"{where}: field '{name}': missing (a prompt record needs 'prompt' and 'completion')")
-            _expect_string(record[name], where, name)
-        return "prompt"
-    if has_messages:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            got = "an empty list" if isinstance(messages, list) else _type_name(messages)
-            raise DataError(f"{where}: field 'messages': expected a non-empty list of messages, got {got}")
-        for index, message in enumerate(messages):
-            name = f"messages[{index}]"
-            if not isinstance(message, dict):
-                raise DataError(f"{where}: field '{name}': expected an object, got {_type_name(message)}")
-            for key in ("role", "content"):
-                if key not in message:
-                    raise DataError(f"{where}: field '{name}.{key}': missing")
-                _expect_string(message[key], where, f"{name}.{key}")
-        return "messages"
-    keys = ", ".join(repr(key) for key in list(record)[:5]) or "none"
-    raise DataError(f"{where}: field 'text', 'prompt'/'completion' or 'messages': missing (keys: {keys})")
+    num_by_format: dict[str, int] = field(default_factory=dict)  # records per format, as in FORMATS
+    # How prompt_completion and Alpaca records were trained: "chat" (a user turn and an assistant turn
+    # through the chat template) or "raw" (prompt and completion as one text); None: there were none.
+    pairs_as: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,13 +75,15 @@ def _record_format(record: dict, where: str) -> str:
 
 
 def tokenize(records: Iterable[tuple[int, dict] | dict], tokenizer: Any, max_length: int,
-             path: str | os.PathLike = "<data>") -> tuple[list[Example], DataStats]:
-    """Token ids and labels for each record (as returned by `read_jsonl`, or plain dicts).
+             path: str | os.PathLike = "<data>", chat_template: bool = True) -> tuple[list[Example], DataStats]:
+    """Token ids and labels for each record (as returned by `read_records`, or plain dicts of any format).
 
     - text: [BOS] + text + [EOS], loss on all but BOS.
-    - prompt/completion: [BOS] + (prompt + completion) + [EOS], loss on the completion and EOS.
-    - messages: the tokenizer's chat template; loss on the assistant turns as the template renders them
-      (content and end-of-turn marker), nowhere else.
+    - prompt_completion and alpaca (see `records.as_pair`), when the tokenizer has a chat template and
+      `chat_template` is true: the conversation [user: prompt, assistant: completion], as below. Else
+      [BOS] + (prompt + completion) + [EOS], loss on the completion and EOS. `stats.pairs_as` says which.
+    - messages and sharegpt: the tokenizer's chat template; loss on the assistant turns as the template
+      renders them (content and end-of-turn marker), nowhere else.
 
     The ids are those of the whole text, tokenized in one call: what the model reads at inference.
     Tokenizing prompt and completion apart and joining the ids would differ wherever a tokenizer
@@ -209,25 +105,34 @@ def tokenize(records: Iterable[tuple[int, dict] | dict], tokenizer: Any, max_len
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    as_chat = chat_template and getattr(tokenizer, "chat_template", None) is not None
     encoder = Encoder(tokenizer)
     examples, stats = [], DataStats()
     for position, item in enumerate(records, start=1):
-        line_number, record = item if isinstance(item, tuple) else (position, item)
-        where = f"{path}:{line_number}"
-        kind = _record_format(record, where)
+        number, record = item if isinstance(item, tuple) else (position, item)
+        where = f"{path}:{number}"
+        kind = record_format(record, where)
         if kind == "text":
             ids = bos + encoder.plain(record["text"], where, "text")[0] + eos
             labels = [IGNORE_INDEX] * len(bos) + ids[len(bos):]
-        elif kind == "prompt":
-            prompt, completion = record["prompt"], record["completion"]
-            body, spans = encoder.plain(prompt + completion, where, "prompt", offsets=True)
-            is_target = in_spans(spans, [(len(prompt), len(prompt) + len(completion))])
-            ids = bos + body + eos
-            labels = ([IGNORE_INDEX] * len(bos) + [i if t else IGNORE_INDEX for i, t in zip(body, is_target)]
-                      + eos)
+        elif kind in _PAIR_FIELDS:
+            prompt, completion = as_pair(record, kind, chat=as_chat)
+            names = _PAIR_FIELDS[kind]
+            if as_chat:
+                ids, is_target = encode_chat(encoder, _user_then_assistant(prompt, completion), where,
+                                             "'/'".join(names), names)
+                labels = [i if t else IGNORE_INDEX for i, t in zip(ids, is_target)]
+            else:
+                body, spans = encoder.plain(prompt + completion, where, names[0], offsets=True)
+                is_target = in_spans(spans, [(len(prompt), len(prompt) + len(completion))])
+                ids = bos + body + eos
+                labels = ([IGNORE_INDEX] * len(bos) + [i if t else IGNORE_INDEX for i, t in zip(body, is_target)]
+                          + eos)
             stats.num_empty_completions += completion == ""
+            stats.pairs_as = "chat" if as_chat else "raw"
         else:
-            ids, is_target = encode_chat(encoder, record["messages"], where)
+            field_name = "messages" if kind == "messages" else "conversations"
+            ids, is_target = encode_chat(encoder, as_messages(record, kind), where, field_name)
             labels = [i if t else IGNORE_INDEX for i, t in zip(ids, is_target)]
         assert len(ids) == len(labels)
 
@@ -244,6 +149,38 @@ def tokenize(records: Iterable[tuple[int, dict] | dict], tokenizer: Any, max_len
         examples.append(Example(input_ids=ids, labels=labels))
     stats.num_examples = len(examples)
     return examples, stats
+
+
+_PAIR_FIELDS = {"prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
+
+
+def _user_then_assistant(prompt: str, completion: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def generation_pair(record: dict, tokenizer: Any, chat_template: bool = True,
+                    where: str = "<record>") -> tuple[list[int], str] | None:
+    """(prompt ids, expected completion) of a prompt_completion or Alpaca record; None for other formats.
+
+    The prompt ids are what a model trained by `tokenize(..., chat_template=chat_template)` reads before
+    it writes the completion: with a chat template, the user turn and the template's generation prompt;
+    else [BOS] + prompt. For evaluation by generation.
+    """
+    kind = record_format(record, where)
+    if kind not in _PAIR_FIELDS:
+        return None
+    encoder = Encoder(tokenizer)
+    if chat_template and getattr(tokenizer, "chat_template", None) is not None:
+        prompt, completion = as_pair(record, kind, chat=True)
+        messages = _user_then_assistant(prompt, completion)[:1]
+
+        def render(conversation: list[dict]) -> str:
+            return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+        return encoder.chat(messages, render(messages), render, where, _PAIR_FIELDS[kind][0])[0], completion
+    prompt, completion = as_pair(record, kind, chat=False)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + encoder.plain(prompt, where, _PAIR_FIELDS[kind][0])[0], completion
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,18 +66,18 @@ class Encoder:
             raise DataError(f"{where}: field '{name}': the tokenizer turns the text {token!r} into its control "
                             "token; this transformers/tokenizer cannot encode it as text: remove it from the data")
 
-    def chat(self, messages: list[dict], full: str, render: Any, where: str
+    def chat(self, messages: list[dict], full: str, render: Any, where: str, field: str = "messages"
              ) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character spans of `full`, the rendered conversation; only the template's control tokens
         are special. When no message holds a control token's string (the usual case) that is the plain
         tokenization of `full`, exactly what apply_chat_template(tokenize=True) gives at inference."""
         held = any(control in message["content"] for message in messages for control in self.controls)
         if not held:
-            encoding = self._call(full, where, "messages", offsets=True, split_special_tokens=False)
+            encoding = self._call(full, where, field, offsets=True, split_special_tokens=False)
             return list(encoding["input_ids"]), [tuple(span) for span in encoding["offset_mapping"]]
-        return self._chat_with_control_strings(messages, full, render, where)
+        return self._chat_with_control_strings(messages, full, render, where, field)
 
-    def _chat_with_control_strings(self, messages: list[dict], full: str, render: Any, where: str
+    def _chat_with_control_strings(self, messages: list[dict], full: str, render: Any, where: str, field: str
                                    ) -> tuple[list[int], list[tuple[int, int]]]:
         # Render again with the control strings inside messages wrapped in markers, to tell them from
         # the template's. Then tokenize `full` once with a copy of the tokenizer that reads no special
@@ -85,11 +85,11 @@ class Encoder:
         # (normalizer, pre-tokenizer, model, offsets) runs on the whole text as the tokenizer would.
         reserved = next((c for c in full if ord(c) >= _RESERVED_FROM), None)
         if reserved is not None:
-            raise DataError(f"{where}: field 'messages': a message holds both a control token's text and the "
+            raise DataError(f"{where}: field '{field}': a message holds both a control token's text and the "
                             f"private-use character U+{ord(reserved):04X}, which gradaccum reserves to tell them "
                             "from the chat template's control tokens; remove one of them")
         # The tokenizer's own reading, all control strings special: the copy below must agree with it.
-        whole = self._call(full, where, "messages", offsets=True, split_special_tokens=False)
+        whole = self._call(full, where, field, offsets=True, split_special_tokens=False)
         alternatives = "|".join(map(re.escape, self.controls))
 
         def mark(text: str) -> str:
@@ -107,7 +107,7 @@ class Encoder:
                 length += len(match[1])
             done = match.end()
         if "".join(unmarked) + marked[done:] != full:
-            raise DataError(f"{where}: field 'messages': the chat template rewrites message text, so the control "
+            raise DataError(f"{where}: field '{field}': the chat template rewrites message text, so the control "
                             "token strings in it cannot be told from the template's own; remove them from the data")
         occurrences = [(m.start(), m.end()) for m in re.finditer(alternatives, full)]
         template_only = [span for span in occurrences if span[0] not in in_messages]
@@ -122,11 +122,11 @@ class Encoder:
             return [real_id_of.get(i, i) for i in encoding.ids], [tuple(span) for span in encoding.offsets]
 
         if encode(occurrences) != (list(whole["input_ids"]), [tuple(s) for s in whole["offset_mapping"]]):
-            raise DataError(f"{where}: field 'messages': cannot encode the control token strings in the messages "
+            raise DataError(f"{where}: field '{field}': cannot encode the control token strings in the messages "
                             "as text with this tokenizer; remove them from the data")
         ids, spans = encode(template_only)
         in_text = in_spans(spans, [span for span in occurrences if span[0] in in_messages])
-        self._check_no_control_ids([i for i, t in zip(ids, in_text) if t], where, "messages")
+        self._check_no_control_ids([i for i, t in zip(ids, in_text) if t], where, field)
         return ids, spans
 
     def _plain_backend_copy(self) -> tuple[Any, dict[str, str], dict[int, int]]:
@@ -155,8 +155,12 @@ class Encoder:
 _MARKER = "GRADACCUMREPLY7F3A"  # stand-in reply text, to locate where a template puts a reply
 
 
-def encode_chat(encoder: Encoder, messages: list[dict], where: str) -> tuple[list[int], list[bool]]:
+def encode_chat(encoder: Encoder, messages: list[dict], where: str, field: str = "messages",
+                turn_names: Sequence[str] | None = None) -> tuple[list[int], list[bool]]:
     """Ids of a conversation, and which of them are the text the template emits for assistant turns.
+
+    `field` names the conversation in error messages, and `turn_names[i]` its message i (the record's
+    own fields, such as 'conversations[3]' or 'completion').
 
     The whole conversation is rendered to text and tokenized once (see `Encoder.chat`). The assistant
     turns' character spans come from rendering the template up to each assistant message twice: without
@@ -165,8 +169,9 @@ def encode_chat(encoder: Encoder, messages: list[dict], where: str) -> tuple[lis
     that rewrite earlier turns, e.g. drop old reasoning, are rejected with a DataError).
     """
     tokenizer = encoder.tokenizer
+    turn_names = turn_names or [f"{field}[{index}]" for index in range(len(messages))]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: field 'messages': the tokenizer has no chat template; "
+        raise DataError(f"{where}: field '{field}': the tokenizer has no chat template; "
                         "use {prompt, completion} or {text} records with this model")
 
     def render(conversation: list[dict], add_generation_prompt: bool = False) -> str:
@@ -174,7 +179,7 @@ def encode_chat(encoder: Encoder, messages: list[dict], where: str) -> tuple[lis
             return tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
         except Exception as error:  # templates raise their own errors, e.g. "roles must alternate"
-            raise DataError(f"{where}: field 'messages': the chat template failed: "
+            raise DataError(f"{where}: field '{field}': the chat template failed: "
                             f"{type(error).__name__}: {error}") from None
 
     full = render(messages)
@@ -190,10 +195,10 @@ def encode_chat(encoder: Encoder, messages: list[dict], where: str) -> tuple[lis
             start = with_marker[:with_marker.find(_MARKER)] if _MARKER in with_marker else None
         end = render(messages[:index + 1])
         if start is None or not (end.startswith(start) and full.startswith(end) and len(start) >= done):
-            raise DataError(f"{where}: field 'messages[{index}]': cannot locate this assistant turn's tokens: "
+            raise DataError(f"{where}: field '{turn_names[index]}': cannot locate this assistant turn's tokens: "
                             "the chat template renders a conversation's start differently once more turns follow")
         assistant_spans.append((len(start), len(end)))
         done = len(end)
 
-    ids, spans = encoder.chat(messages, full, render, where)
+    ids, spans = encoder.chat(messages, full, render, where, field)
     return ids, in_spans(spans, assistant_spans)
