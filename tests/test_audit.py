@@ -73,7 +73,9 @@ def converged(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    examples, _ = tokenize(list(enumerate(records, 1)), tokenizer, 256, path="pairs")
+    # Raw pairs: the audit below reads them the same way (chat_template=False), so the model is converged
+    # on exactly the tokens it audits.
+    examples, _ = tokenize(list(enumerate(records, 1)), tokenizer, 256, path="pairs", chat_template=False)
     batch = collate(examples, tokenizer.pad_token_id)
     num_targets = int((batch["labels"][:, 1:] != -100).sum())
     loss = CausalLMLoss(model)
@@ -180,7 +182,7 @@ def test_float32_rounding_is_not_a_departure(converged, tmp_path, dtype):
     """
     result = audit.run(model=str(converged / "model"), data=str(converged / "pairs.jsonl"), batch_size=8,
                        micro_batch_sizes=[1, 2, 4], steps=1, dtype=dtype, output=str(tmp_path / dtype),
-                       progress=False)
+                       progress=False, chat_template=False)
     if dtype == "float32":
         # The false alarm's setting: exact is further than 1e-5 from the float32 full batch ...
         assert result.max_exact_gradient_error > 1e-5

@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .records import FORMATS  # records.py imports no torch either
 
 DTYPES = ("float32", "bfloat16", "float64")  # `gradaccum train --dtype`
 AUDIT_DTYPES = ("float64", "float32")  # the audit measures rounding, so no bfloat16
@@ -35,7 +36,12 @@ class RunConfig:
     """What every job that trains a model needs: which model on which data, how, and where."""
 
     model: str = _f("tiny", "'tiny' (embedded default), a local HF directory, a hub id, or a .gguf file")
-    data: str | None = _f(None, "training JSONL ({text} | {prompt, completion} | {messages}); default: bundled tasks")
+    data: str | None = _f(None, "JSONL/JSON/CSV/TSV/parquet file, or a datasets folder (DIR[:SPLIT]); "
+                                "default: bundled tasks")
+    format: str = _f("auto", "record format of --data/--eval-data: auto (from each record's keys) | text | "
+                             "prompt_completion | messages | alpaca | sharegpt", choices=FORMATS)
+    chat_template: bool = _f(True, "prompt/completion and Alpaca records through the tokenizer's chat template "
+                                   "when it has one; --no-chat-template: raw text")
     max_length: int = _f(256, "tokens per example; longer examples are truncated and counted")
     lr: float | None = _f(None, "peak learning rate (default: 3e-3 tiny, 2e-4 LoRA, 5e-5 full fine-tune)")
     max_grad_norm: float | None = _f(1.0, "clip the full accumulated gradient to this L2 norm once per step "
@@ -86,8 +92,8 @@ def _at_least(name: str, value: int | None, low: int) -> None:
 class TrainConfig(RunConfig):
     """`gradaccum train`."""
 
-    eval_data: str | None = _f(None, "held-out JSONL for eval loss and exact-match accuracy; default: bundled split "
-                                     "when --data is the default, else none")
+    eval_data: str | None = _f(None, "held-out data (the same kinds as --data) for eval loss and exact-match "
+                                     "accuracy; default: bundled split when --data is the default, else none")
     micro_batch_size: int | str = _f(8, "sequences per forward/backward on each rank, or 'auto'")
     memory_budget: str | None = _f(None, "with --micro-batch-size auto: memory the run may use, e.g. 4GB, 12GiB, "
                                          "512MiB (default: 80% of available RAM on the CPU; the GPU's memory on CUDA)")

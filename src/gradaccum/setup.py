@@ -15,7 +15,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from .config import RunConfig, TrainConfig
-from .data import IGNORE_INDEX, DataStats, Example, read_jsonl, tokenize
+from .data import IGNORE_INDEX, DataStats, Example, read_records, tokenize
 from .errors import ConfigError, DataError, ModelError
 from .models import apply_lora, load_model
 
@@ -73,9 +73,12 @@ def training_data_path(config: RunConfig) -> str:
     return config.data or str(tasks.default_train_path())
 
 
-def training_examples(path: str, tokenizer: Any, max_length: int) -> tuple[list[Example], DataStats]:
-    """The training file read and tokenized; data in which no example keeps a target is refused."""
-    examples, stats = tokenize(read_jsonl(path), tokenizer, max_length, path=path)
+def training_examples(path: str, tokenizer: Any, max_length: int, format: str = "auto",
+                      chat_template: bool = True) -> tuple[list[Example], DataStats]:
+    """The training data read (as --format) and tokenized (pairs through the chat template unless
+    --no-chat-template); data in which no example keeps a target is refused."""
+    examples, stats = tokenize(read_records(path, format), tokenizer, max_length, path=path,
+                               chat_template=chat_template)
     if examples and stats.num_empty_targets == len(examples):  # every step would be skipped
         cause = (f"; {stats.num_truncated} were cut to --max-length {max_length} tokens (the longest has "
                  f"{stats.max_example_tokens}): raise --max-length or shorten the prompts"
@@ -83,6 +86,12 @@ def training_examples(path: str, tokenizer: Any, max_length: int) -> tuple[list[
         raise DataError(f"{path}: {stats.num_empty_targets} of {len(examples)} examples have no target token "
                         f"left, so there is nothing to train on{cause}")
     return examples, stats
+
+
+def pairs_note(stats: DataStats) -> str | None:
+    """How prompt/completion (and Alpaca) pairs were trained, for the log; None when there were none."""
+    return {"chat": "prompt/completion pairs: through the chat template",
+            "raw": "prompt/completion pairs: as raw text"}.get(stats.pairs_as)
 
 
 def num_targets(example: Example) -> int:

@@ -28,14 +28,14 @@ import torch
 from . import checkpoint, distributed, run_folder
 from .accumulate import Accumulator, Window
 from .config import TrainConfig
-from .data import Example, collate, global_windows, pack, padding_fraction, read_jsonl, split_window, tokenize
+from .data import Example, collate, global_windows, pack, padding_fraction, read_records, split_window, tokenize
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import eval_loss, exact_match_accuracy
 from .losses import CausalLMLoss, count_target_sequences, count_targets
 from .memory import peak_memory_bytes
 from .models import final_state_dict, own_memory, packing_unsupported_reason, save_final
 from .setup import (autocast_for, build_model, default_lr, optimizer_and_schedule, resolve_batch, resolve_device,
-                    training_data_path, training_examples)
+                    pairs_note, training_data_path, training_examples)
 
 
 @dataclass
@@ -189,12 +189,15 @@ def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
 
     train_path = training_data_path(config)
     eval_path = config.eval_data or (str(tasks.default_eval_path()) if config.data is None else None)
-    examples, stats = training_examples(train_path, tokenizer, config.max_length)
-    eval_lines = read_jsonl(eval_path) if eval_path else []  # read once: loss and accuracy both use it
-    eval_examples = tokenize(eval_lines, tokenizer, config.max_length, path=eval_path)[0] if eval_lines else []
+    examples, stats = training_examples(train_path, tokenizer, config.max_length, config.format, config.chat_template)
+    eval_lines = read_records(eval_path, config.format) if eval_path else []  # loss and accuracy both use it
+    eval_examples = (tokenize(eval_lines, tokenizer, config.max_length, path=eval_path,
+                              chat_template=config.chat_template)[0] if eval_lines else [])
     log(f"data: {len(examples)} examples from {train_path} ({stats.num_truncated} truncated to "
         f"{config.max_length} tokens, {stats.num_empty_targets} without targets); "
         f"eval: {len(eval_examples)} from {eval_path or '-'}")
+    if (note := pairs_note(stats)) is not None:
+        log(note)
     return examples, eval_examples, [record for _, record in eval_lines]
 
 

@@ -24,7 +24,8 @@ from ..data import Example, collate, global_windows, split_window
 from ..errors import ConfigError
 from ..losses import CausalLMLoss
 from ..models import final_state_dict
-from ..setup import build_model, default_lr, num_targets, resolve_device, training_data_path, training_examples
+from ..setup import (build_model, default_lr, num_targets, pairs_note, resolve_device, training_data_path,
+                     training_examples)
 from .report import write_report
 from .results import (AuditResult, GradientBound, MicroBatchAudit, RunAudit, TargetSpread, compare_gradients,
                       gradient_bound)
@@ -43,13 +44,16 @@ def run_audit(config: AuditConfig) -> AuditResult:
     device = resolve_device(config.device)
     model, tokenizer = build_model(config, device)
     data_path = training_data_path(config)
-    examples, _ = training_examples(data_path, tokenizer, config.max_length)
+    examples, stats = training_examples(data_path, tokenizer, config.max_length, config.format,
+                                        config.chat_template)
     if len(examples) < config.batch_size:
         raise ConfigError(f"--batch-size {config.batch_size} exceeds the {len(examples)} examples in {data_path}")
     windows = list(global_windows(len(examples), config.batch_size, config.seed, 0, config.steps))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"audit: {config.model} on {data_path} ({len(examples)} examples); B={config.batch_size}, micro-batches "
         f"{', '.join(map(str, config.micro_batch_sizes))}; {config.steps} steps; {config.dtype}; {device}")
+    if (note := pairs_note(stats)) is not None:
+        say(note)
 
     initial_weights = final_state_dict(model)
     gate, gradient_figures, full_first_loss = _first_step_gradients(model, config, examples, windows[0],
