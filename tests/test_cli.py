@@ -139,3 +139,82 @@ def test_only_user_errors_become_one_line(tmp_path, monkeypatch, capsys):
         else:
             with pytest.raises(ValueError, match="a bug"):
                 main(argv)
+
+
+def _alpaca_json(path):
+    path.write_text(json.dumps([{"instruction": f"add {i}", "input": "" if i % 2 else f"{i} + 1",
+                                 "output": str(i + 1)} for i in range(8)]))
+    return path
+
+
+def _sharegpt_jsonl(path):
+    path.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"copy: w{i} ="},
+                                                          {"from": "gpt", "value": f"w{i}"}]}) + "\n"
+                            for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("kind, extra, note", [
+    ("alpaca", [], "prompt/completion pairs: through the chat template"),
+    ("alpaca", ["--no-chat-template"], "prompt/completion pairs: as raw text"),
+    ("sharegpt", [], None),
+])
+def test_alpaca_and_sharegpt_files_train_end_to_end(tmp_path, capsys, kind, extra, note):
+    """The tiny preset trains 2 steps on an Alpaca JSON array and on ShareGPT JSON Lines; the log says
+    how prompt/completion pairs were read (ShareGPT has none)."""
+    data = _alpaca_json(tmp_path / "a.json") if kind == "alpaca" else _sharegpt_jsonl(tmp_path / "s.jsonl")
+    code = main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--no-progress", "--max-steps",
+                 "2", "--batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0", "--save-every", "0",
+                 "--no-save-final", *extra])
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["num_targets"] > 0 for m in metrics)
+    assert "data: 8 examples from" in out
+    assert [line for line in out.splitlines() if line.startswith("prompt/completion pairs:")] == ([note] if note
+                                                                                                   else [])
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["format"] == "auto" and config["chat_template"] == (extra == [])
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("bad.json", json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": 3}]),
+     "bad.json:2: field 'output': expected a string, got int"),
+    ("bad.csv", "instruction,input,output\na,,b\nc,d\n", "bad.csv:3: 2 fields, but the header (line 1) has 3"),
+    ("bad.jsonl", '{"conversations": [{"from": "human", "value": "a"}]}\n'
+                  '{"conversations": [{"from": "bot", "value": "b"}]}\n',
+     "bad.jsonl:2: field 'conversations[0].from': 'bot' is not one of human, gpt, system"),
+])
+def test_malformed_row_of_any_file_type_is_one_line(tmp_path, capsys, name, text, expected):
+    (tmp_path / name).write_text(text)
+    code = main(["train", "--data", str(tmp_path / name), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == f"gradaccum train: error: {tmp_path / name}:{expected.split(':', 1)[1]}", err
+
+
+def test_format_override_and_unknown_format(tmp_path, capsys):
+    """Keys of two formats are refused unless --format picks one; an unknown --format is one line."""
+    path = tmp_path / "both.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"i{i}", "output": f"o{i}", "text": f"t{i}"}) + "\n"
+                            for i in range(8)))
+    base = ["train", "--data", str(path), "--no-progress", "--max-steps", "1", "--batch-size", "4",
+            "--micro-batch-size", "4", "--eval-every", "0", "--save-every", "0", "--no-save-final"]
+    assert main(base + ["--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "both.jsonl:1: fields" in err and "--format text|alpaca" in err, err
+    assert main(base + ["--output", str(tmp_path / "b"), "--format", "alpaca"]) == 0
+    assert "prompt/completion pairs: through the chat template" in capsys.readouterr().out
+    assert main(base + ["--output", str(tmp_path / "c"), "--format", "chatml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--format: unknown value 'chatml'" in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "audit"])
+def test_format_and_chat_template_flags_in_help(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--format FORMAT record format of --data/--eval-data: auto" in out
+    assert "--chat-template, --no-chat-template" in out
+    assert "a datasets folder (DIR[:SPLIT])" in out
