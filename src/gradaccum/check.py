@@ -492,7 +492,7 @@ def _forward_seeded(model: nn.Module, batch: dict, seed: int):
 def packing_probe(model: nn.Module, batch: dict) -> str:
     """Two documents in one row, position_ids restarting, no attention_mask (how Trainer's padding-free
     collators and `gradaccum train --packing` send them): does the second see the first?"""
-    from .models import packing_unsupported_reason
+    from .packing import packing_unsupported_reason
 
     attention = getattr(model.config, "_attn_implementation", None)
     first, second = batch["input_ids"][0, :5], batch["input_ids"][0, 5:WIDTH]
