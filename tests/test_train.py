@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradaccum.config import TrainConfig
+from gradaccum.errors import ConfigError
 from gradaccum.train import train
 
 
@@ -114,7 +115,7 @@ def test_packing_refuses_a_model_whose_packed_documents_mix(tmp_path):
                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     model = _save_tiny(OPTForCausalLM, config, tmp_path / "opt")
-    with pytest.raises(ValueError, match=r"--packing: .*OPTForCausalLM.*attend to the one before.*train without --packing"):
+    with pytest.raises(ConfigError, match=r"--packing: OPTForCausalLM .*attend to the one before.*without --packing"):
         run(tmp_path, "packed", model=model, packing=True, dtype="float32")
     assert not (tmp_path / "packed").exists()
     assert run(tmp_path, "padded", model=model, dtype="float32", max_steps=1).metrics
