@@ -98,7 +98,7 @@ def test_the_layout_check_can_fail(tmp_path, monkeypatch):
         test_no_import_cycle_and_the_core_imports_no_job()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["audit", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["audit", "--help"], ["check", "--help"]])
 def test_help_imports_no_torch(argv):
     """`gradaccum --help` reads only config.py: torch (2-3 s to import) is not loaded."""
     code = (f"import sys\nfrom gradaccum.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
