@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import subprocess
@@ -13,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradaccum import check
+from gradaccum import check, cli
+from gradaccum.check import probes, structure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +33,8 @@ def tiny(class_name: str, task: str = "causal-lm"):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    parser = argparse.ArgumentParser()
-    check.add_arguments(parser)
-    code = check.main(parser.parse_args(argv))
+    """`gradaccum check ARGV` through the CLI's own parser and error handling."""
+    code = cli.main(["check", *argv])
     return code, capsys.readouterr().out
 
 
@@ -69,8 +68,8 @@ def test_reference_classes(class_name):
 
 def _trainer_gradient(model, batches):
     """The gradient transformers.Trainer accumulates over the window, through its own training_step."""
-    trainer = check._build_trainer(model, batches)
-    count = check._trainer_count(trainer, batches)
+    trainer = probes.build_trainer(model, batches)
+    count = probes.trainer_count(trainer, batches)
     trainer.current_gradient_accumulation_steps = len(batches)
     model.zero_grad()
     for batch in batches:
@@ -82,7 +81,7 @@ def _weighted_gradient(model, batches, targets, weights):
     """sum_k weight_k * grad(S_k / N): the big batch's gradient when every weight is 1."""
     model.zero_grad()
     outputs = [model(**{k: v for k, v in batch.items() if k != "labels"}) for batch in batches]
-    sums = [check.summed_loss(check._logits(out), batch["labels"], targets, model.config)
+    sums = [probes.summed_loss(probes.logits_of(out), batch["labels"], targets, model.config)
             for out, batch in zip(outputs, batches)]
     total = sum(n for _, n in sums)
     sum(w * s / total for w, (s, _) in zip(weights, sums)).backward()
@@ -97,10 +96,10 @@ def test_weights_are_what_trainer_really_does(class_name):
     task = REFERENCE[class_name][0]
     model = tiny(class_name, task).double()
     result = check.check_model(model, task=task)
-    restore = check._Restore()
-    check.switch_off_dropout(model, restore)
-    batches = check.probe_batches(model, task)
-    with check._quiet():
+    restore = structure.Restore()
+    structure.switch_off_dropout(model, restore)
+    batches = probes.probe_batches(model, task)
+    with probes.quiet():
         trainer = _trainer_gradient(model, batches)
     predicted = _weighted_gradient(model, batches, result.loss_targets, result.trainer.weights)
     big_batch = _weighted_gradient(model, batches, result.loss_targets, [1.0] * len(batches))
@@ -129,6 +128,26 @@ def test_model_that_drops_the_count_exits_1(tmp_path, capsys):
     assert code == 1, out
     assert "drops it" in out and "gradaccum.hf.make_exact(trainer)" in out
     assert "packing: leaks" in out  # Bart's decoder ignores position_ids
+
+
+@pytest.mark.parametrize("model, fragment", [("./no/such/model", "does not exist"),
+                                             ("{file}", "is a file")])
+def test_a_bad_model_is_one_line_and_exit_2(tmp_path, capsys, model, fragment):
+    (tmp_path / "notes.txt").write_text("not a model")
+    code = cli.main(["check", "--model", model.format(file=tmp_path / "notes.txt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("gradaccum check: error: --model"), err
+    assert fragment in err
+
+
+def test_the_probe_names_load_lazily():
+    """`gradaccum check --help` builds the parser from gradaccum.check without torch; the probe's
+    names still import from the package."""
+    code = ("import sys\nimport gradaccum.check as c\nassert 'torch' not in sys.modules\n"
+            "from gradaccum.check import CheckResult, TrainerFacts, check_model, format_report\n"
+            "assert check_model.__module__ == 'gradaccum.check.run'\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-500:]
 
 
 class TokenBatchNorm(nn.Module):

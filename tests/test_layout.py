@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "gradaccum"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 100
 # The core knows no job: it never imports these (DESIGN.md: cli -> jobs -> setup -> core).
-CORE = ("accumulate", "precision", "losses", "distributed", "data", "records", "models", "checkpoint")
+CORE = ("accumulate", "precision", "losses", "distributed", "data", "records", "models", "packing", "checkpoint")
 JOBS = ("cli", "train", "audit", "check", "hf", "setup", "run_folder", "plots")
 
 
@@ -98,7 +98,7 @@ def test_the_layout_check_can_fail(tmp_path, monkeypatch):
         test_no_import_cycle_and_the_core_imports_no_job()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["audit", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["audit", "--help"], ["check", "--help"]])
 def test_help_imports_no_torch(argv):
     """`gradaccum --help` reads only config.py: torch (2-3 s to import) is not loaded."""
     code = (f"import sys\nfrom gradaccum.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradaccum.config import TrainConfig
+from gradaccum.errors import ConfigError
 from gradaccum.train import train
 
 
@@ -89,6 +90,35 @@ def test_packing_trains_the_same_weights_as_padding(tmp_path):
     assert max_relative_difference(naive, padded) > 1e-4  # the comparison can fail
     with pytest.raises(ValueError, match="--packing needs --normalize tokens"):
         TrainConfig(packing=True, normalize="samples")
+
+
+def _save_tiny(model_class, config, directory):
+    """A random-init model of `model_class` with the byte tokenizer, as a local --model DIR."""
+    from gradaccum.models import build_tokenizer
+
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def test_packing_refuses_a_model_whose_packed_documents_mix(tmp_path):
+    """OPT runs sdpa attention (the name-based filter lets it through) but builds its mask without
+    position_ids: a packed document attends to the one before it. The probe at set-up sees that and
+    refuses before anything is written; the same model trains padded."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from gradaccum.models import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+    write_pairs(tmp_path / "data.jsonl")
+    config = OPTConfig(vocab_size=len(build_tokenizer()), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                       pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    model = _save_tiny(OPTForCausalLM, config, tmp_path / "opt")
+    with pytest.raises(ConfigError, match=r"--packing: OPTForCausalLM .*attend to the one before.*without --packing"):
+        run(tmp_path, "packed", model=model, packing=True, dtype="float32")
+    assert not (tmp_path / "packed").exists()
+    assert run(tmp_path, "padded", model=model, dtype="float32", max_steps=1).metrics
 
 
 class StopAfter:

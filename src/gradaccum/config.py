@@ -113,8 +113,8 @@ class TrainConfig(RunConfig):
     fsdp: bool = _f(False, "shard with FSDP2 (fully_shard) instead of DDP under torchrun")
     chunked_loss: bool = _f(True, "LM-head cross-entropy in chunks, never materialising full logits")
     packing: bool = _f(False, "padding-free micro-batches: each micro-batch's examples concatenated into one "
-                              "row, kept apart by position_ids (HF models with sdpa/eager/flash attention; "
-                              "--normalize tokens)")
+                              "row, kept apart by position_ids (HF models with sdpa/eager/flash attention; refused "
+                              "when a probe finds packed documents mixing; --normalize tokens)")
     eval_every: int | None = _f(None, "evaluate every N steps (default: 5 evaluations per run; 0 disables)")
     eval_examples: int = _f(200, "held-out examples used for exact-match accuracy")
     save_every: int | None = _f(None, "write checkpoint-N/ every N steps (default: 4 per run; 0 disables)")

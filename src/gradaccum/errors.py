@@ -30,3 +30,9 @@ class CheckpointError(GradaccumError):
 
 class TrainingError(GradaccumError):
     """The run cannot go on (non-finite losses or weights, disk full, ...); the message says why."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a message that names it (its type when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

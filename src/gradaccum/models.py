@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 __all__ = [
     "ModelError",
@@ -192,7 +192,7 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, *
         model = _from_pretrained(source, dtype, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
-        reason = _first_line(error)
+        reason = first_line(error)
         if what == "hub id":
             raise ModelError(
                 f"--model: {source!r} is not a local directory, a .gguf file, or {TINY_PRESET!r}, and it could "
@@ -227,9 +227,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, trust_remote_code=trust_remote_code)
     except ImportError as error:  # the `gguf` package is an optional dependency
         raise ModelError(f"--model: loading {str(path)!r} needs the gguf package: pip install 'gradaccum[gguf]' "
-                         f"({_first_line(error)})") from error
+                         f"({first_line(error)})") from error
     except (OSError, ValueError, KeyError, NotImplementedError) as error:
-        raise ModelError(f"--model: cannot load GGUF file {str(path)!r}: {_first_line(error)}") from error
+        raise ModelError(f"--model: cannot load GGUF file {str(path)!r}: {first_line(error)}") from error
 
     if getattr(loaded.config, "quantization_config", None) is None and getattr(loaded, "hf_quantizer", None) is None:
         return _finish(loaded, tokenizer, dtype)  # older transformers: already a plain model
@@ -271,11 +271,6 @@ def _ensure_pad_token(model: nn.Module, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)
-
-
 def _linear_leaf_names(model: nn.Module) -> list[str]:
     """Names (last component) of the nn.Linear modules peft should adapt: every attention and MLP
     projection, but not the LM head, whose weight is usually tied to the embedding."""
@@ -307,7 +302,7 @@ def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout: float
     try:
         return get_peft_model(model, config)
     except ValueError as error:  # e.g. a target_modules name that matches nothing
-        raise ModelError(f"--lora: {_first_line(error)}") from error
+        raise ModelError(f"--lora: {first_line(error)}") from error
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -388,25 +383,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-# Attention implementations whose HF mask builders (transformers >= 4.53) turn position_ids that restart
-# at 0 into per-sequence blocks when there is no attention_mask: packed rows attend within each sequence.
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-def packing_unsupported_reason(model: nn.Module) -> str | None:
-    """None when `data.pack` batches are exact for this model, else why not (for an error message)."""
+def ordinary_token_ids(model: nn.Module, limit: int = 512) -> torch.Tensor:
+    """Ids below `limit` that the model reads as ordinary tokens (no pad, BOS, EOS or other special id),
+    for probes that feed a model made-up text."""
+    special: set[int] = set()
+    for name, value in vars(model.config).items():
+        if name.endswith(("_token_id", "_token_index")):
+            special.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
     try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        return "this transformers version does not read packed position_ids (need >= 4.53)"
-    base = model.get_base_model() if _is_peft_model(model) else model
-    config = getattr(base, "config", None)
-    attention = getattr(config, "_attn_implementation", None)
-    if config is None or not type(base).__module__.startswith("transformers.models."):
-        return f"{type(base).__name__} is not a transformers model"
-    if attention not in PACKING_ATTENTION:
-        return f"attention implementation {attention!r} is not one of {', '.join(PACKING_ATTENTION)}"
-    return None
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # character-level models have no embedding table
+        embeddings = None
+    if isinstance(embeddings, nn.Embedding):
+        vocab_size = embeddings.num_embeddings
+    else:  # character-level models (CANINE) take code points: any small id is a valid one
+        config = model.config
+        vocab_size = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size", 256))
+    return torch.tensor([i for i in range(min(vocab_size, limit)) if i not in special])
 
 
 def own_memory(params: list[torch.Tensor]) -> None:

@@ -33,7 +33,8 @@ from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import eval_loss, exact_match_accuracy
 from .losses import CausalLMLoss, count_target_sequences, count_targets
 from .memory import peak_memory_bytes
-from .models import final_state_dict, own_memory, packing_unsupported_reason, save_final
+from .models import final_state_dict, own_memory, save_final
+from .packing import packing_unsupported_reason
 from .setup import (autocast_for, build_model, default_lr, optimizer_and_schedule, resolve_batch, resolve_device,
                     pairs_note, training_data_path, training_examples)
 
