@@ -217,6 +217,22 @@ def test_the_checkpoint_holds_the_state_at_save_time(tmp_path, monkeypatch):
     assert torch.equal(torch.get_rng_state(), rng)  # load restored the generator as it was at save
 
 
+def test_reused_buffers_never_change_a_written_checkpoint(tmp_path):
+    model = TinyLM()
+    saver = checkpoint.AsyncSaver(tmp_path, keep=3)
+    saved = []
+    for step in (1, 2):
+        training_state = _state(model)  # a step: changes the weights
+        with torch.no_grad():
+            model.head.weight.fill_(float(step))
+        saver.save(step, model, training_state, {"step": step})
+        saved.append(saver._copier.buffers["model/head.weight"].data_ptr())
+    saver.close()
+    assert saved[0] == saved[1]  # the second snapshot went into the first one's memory
+    for step in (1, 2):
+        assert bool((checkpoint.load_weights(tmp_path / f"checkpoint-{step}")["head.weight"] == step).all())
+
+
 def test_training_waits_for_the_copy_not_the_write(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADACCUM_TEST_SAVE_DELAY", "0.6")
     model = TinyLM()
