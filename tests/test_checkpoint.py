@@ -14,7 +14,8 @@ from helpers import TinyLM
 
 def _state(model):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    out = model(torch.zeros(1, 4, dtype=torch.long))
+    getattr(out, "logits", out).sum().backward()
     opt.step()
     return {"optimizer": opt.state_dict(), "accumulator": {"step": 1, "num_skipped": 0}}
 
@@ -152,3 +153,202 @@ def test_any_failure_to_load_falls_back_to_the_previous_checkpoint(tmp_path, dam
     assert found.step == 1 and state["step"] == 1
     assert len(warnings) == 1 and "checkpoint-2" in warnings[0], warnings
     assert checkpoint.load_latest(tmp_path / "nothing", lambda path: None, warn=warnings.append) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Background saves: AsyncSaver, and the cadence of saves
+
+
+def _tied_llama():
+    from helpers import tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**tiny_llama().config.to_dict(), "tie_word_embeddings": True})
+    return LlamaForCausalLM(config)
+
+
+def _files(path):
+    return {name: (path / name).read_bytes() for name in checkpoint.REQUIRED_FILES if name != "optimizer.pt"}
+
+
+def test_async_save_writes_what_save_writes(tmp_path):
+    model = _tied_llama()
+    training_state = _state(model)
+    sync = checkpoint.save(tmp_path / "sync", 3, model, training_state, {"step": 3})
+    with checkpoint.AsyncSaver(tmp_path / "async") as saver:
+        saver.save(3, model, training_state, {"step": 3})
+    background = tmp_path / "async" / "checkpoint-3"
+    checkpoint.verify(background)
+    # Weights (tied names dropped as for the model itself), RNG and state.json: the same bytes.
+    assert _files(background) == _files(sync)
+    other = _tied_llama()
+    for p in other.parameters():
+        torch.nn.init.zeros_(p)
+    loaded, state = checkpoint.load(background, other)
+    assert state["step"] == 3 and other.lm_head.weight is other.model.embed_tokens.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    expected = training_state["optimizer"]["state"]
+    assert all(torch.equal(loaded["optimizer"]["state"][i][k], expected[i][k]) for i in expected for k in expected[i])
+
+
+def test_the_checkpoint_holds_the_state_at_save_time(tmp_path, monkeypatch):
+    """Training goes on while the writer works: what it changes after `save` returns must not leak in."""
+    monkeypatch.setenv("GRADACCUM_TEST_SAVE_DELAY", "0.5")  # the writer is still busy below
+    model = TinyLM()
+    training_state = _state(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in training_state["optimizer"]["state"][0].items()}
+    rng = torch.get_rng_state()
+    saver = checkpoint.AsyncSaver(tmp_path)
+    saver.save(1, model, training_state, {"step": 1})
+    assert saver.in_flight
+    with torch.no_grad():  # the next steps, in place, while the writer works
+        for p in model.parameters():
+            p.add_(1.0)
+        training_state["optimizer"]["state"][0]["exp_avg"].add_(1.0)
+    torch.rand(10)
+    training_state["accumulator"]["step"] = 99
+    saver.close()
+    loaded, _ = checkpoint.load(tmp_path / "checkpoint-1", model)
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    assert all(torch.equal(loaded["optimizer"]["state"][0][k], moments[k]) for k in moments)
+    assert loaded["accumulator"]["step"] == 1
+    assert torch.equal(torch.get_rng_state(), rng)  # load restored the generator as it was at save
+
+
+def test_reused_buffers_never_change_a_written_checkpoint(tmp_path):
+    model = TinyLM()
+    saver = checkpoint.AsyncSaver(tmp_path, keep=3)
+    saved = []
+    for step in (1, 2):
+        training_state = _state(model)  # a step: changes the weights
+        with torch.no_grad():
+            model.head.weight.fill_(float(step))
+        saver.save(step, model, training_state, {"step": step})
+        saved.append(saver._copier.buffers["model/head.weight"].data_ptr())
+    saver.close()
+    assert saved[0] == saved[1]  # the second snapshot went into the first one's memory
+    for step in (1, 2):
+        assert bool((checkpoint.load_weights(tmp_path / f"checkpoint-{step}")["head.weight"] == step).all())
+
+
+def test_training_waits_for_the_copy_not_the_write(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADACCUM_TEST_SAVE_DELAY", "0.6")
+    model = TinyLM()
+    saver = checkpoint.AsyncSaver(tmp_path, keep=1)
+    stall = saver.save(1, model, _state(model), {"step": 1})
+    assert stall < 0.3 and saver.in_flight
+    # One save in flight: the next one waits for the previous write before copying.
+    second = saver.save(2, model, _state(model), {"step": 2})
+    assert second > 0.3 and saver.last_write_seconds >= 0.6
+    saver.close()
+    assert not saver.in_flight and saver.num_saves == 2
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [2]  # keep=1 pruned checkpoint-1
+
+
+def test_a_failed_background_write_is_raised_at_the_next_save_and_at_close(tmp_path, monkeypatch):
+    model = TinyLM()
+    real_save = torch.save
+
+    def full_disk_for(step):
+        def save(obj, path, *args, **kwargs):
+            if f"checkpoint-{step}" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, path, *args, **kwargs)
+        return save
+
+    saver = checkpoint.AsyncSaver(tmp_path)
+    saver.save(1, model, _state(model), {"step": 1})
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_for(2))
+    saver.save(2, model, _state(model), {"step": 2})  # fails in the background; training goes on
+    with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoint-2: No space left on device") as info:
+        saver.save(3, model, _state(model), {"step": 3})
+    assert info.value.step == 2 and "intact" in str(info.value) and "checkpoint-1" in str(info.value)
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_for(4))
+    saver.save(4, model, _state(model), {"step": 4})
+    with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoint-4"):
+        saver.close()  # the last save's error is not lost either
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [1]
+
+
+def test_an_error_on_the_training_thread_is_not_hidden_by_the_save_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADACCUM_TEST_SAVE_DELAY", "0.2")
+    model = TinyLM()
+    with pytest.raises(KeyError):
+        with checkpoint.AsyncSaver(tmp_path) as saver:
+            saver.save(1, model, _state(model), {"step": 1})
+            raise KeyError("the training failed")
+    checkpoint.verify(tmp_path / "checkpoint-1")  # the save in flight still landed, whole
+
+
+def test_kill_during_a_background_save_then_resume_is_bit_exact(tmp_path):
+    """SIGKILL while checkpoint-k is being written in the background and training has gone past step k:
+    the resume starts from an intact older checkpoint and ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = [sys.executable, str(Path(__file__).parent / "async_save_worker.py")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(worker + [str(tmp_path / "straight"), "8"], check=True, env=env, timeout=120)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(worker + [str(out), "8"], env={**env, "GRADACCUM_TEST_SAVE_DELAY": "1.0"})
+    deadline, killed_at = time.time() + 120, None
+    while proc.poll() is None and time.time() < deadline:
+        writing = [int(p.name.split("-")[1].split(".")[0]) for p in out.glob(".checkpoint-*.tmp")]
+        logged = len((out / "steps.log").read_text().split()) if (out / "steps.log").exists() else 0
+        if writing and checkpoint.list_checkpoints(out) and logged > max(writing):
+            proc.send_signal(signal.SIGKILL)  # mid-write, training already past the step being written
+            killed_at = (max(writing), logged)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_at and proc.returncode == -signal.SIGKILL, (killed_at, proc.returncode)
+    assert list(out.glob(".checkpoint-*.tmp")) and not (out / "final.safetensors").exists()
+
+    subprocess.run(worker + [str(out), "8", "--resume"], check=True, env=env, timeout=120)
+    assert not list(out.glob(".checkpoint-*.tmp"))
+    a, b = load_file(str(out / "final.safetensors")), load_file(str(tmp_path / "straight" / "final.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), f"killed at {killed_at}"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_cadence_every_n_steps_never_at_the_last_step():
+    cadence = checkpoint.SaveCadence(every_steps=3)
+    assert [s for s in range(1, 10) if cadence.due(s, total_steps=9)] == [3, 6]
+
+
+def test_cadence_by_wall_time_keeps_the_stall_under_five_percent():
+    clock = FakeClock()
+    cadence = checkpoint.SaveCadence(every_seconds=60, max_overhead=0.05, clock=clock)
+    clock.now = 59
+    assert not cadence.due(1, 100)
+    clock.now = 61
+    assert cadence.due(2, 100)
+    cadence.saved(stall_seconds=2.0)  # 2 s of 61: fine so far
+    clock.now = 100
+    assert not cadence.due(3, 100)  # only 39 s since the last save
+    clock.now = 122
+    assert cadence.due(4, 1000)  # (2 + 2) s of 122 s = 3.3%
+    assert not cadence.due(100, 100)  # the last step writes final/ instead
+    cadence.saved(stall_seconds=20.0)  # a slow save (a big model): 22 s of waiting
+    clock.now = 200
+    assert not cadence.due(5, 1000)  # 60 s since it, but 42 s of 200 s would be 21%
+    clock.now = 840
+    assert cadence.due(6, 1000)  # 42 of 840 s = 5%
+    assert not checkpoint.SaveCadence(every_seconds=0, clock=clock).due(1, 10)

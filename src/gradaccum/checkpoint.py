@@ -13,15 +13,28 @@ place, so a kill at any moment leaves either the previous checkpoint or the new 
 never half of one. `find_latest` verifies checksums and falls back to an older
 checkpoint when the newest is damaged; `load_latest` also falls back when a checkpoint
 verifies but does not load (a file that was already bad when it was signed).
+
+Saving without stalling training (`AsyncSaver`): a save first takes a *snapshot* -- private CPU
+copies of the weights, the optimizer/scheduler/accumulator state and the RNG states, taken on the
+training thread between steps -- and hands it to a background thread that does the slow part:
+serialising, hashing, fsync and the atomic rename. Training waits only for the copies. One save is
+in flight at a time (the next save waits for the previous one), and an error of the background
+writer is raised on the training thread at the next save, `wait()` or `close()`, never lost.
+`SaveCadence` decides when a save is due: every N steps, or by wall time with the time training
+waits for saves held under a fraction of the run.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -29,7 +42,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 
 MANIFEST = "manifest.json"
 # Every checkpoint holds exactly these; the manifest is built from this list, not from whatever the
@@ -37,6 +50,15 @@ MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 T = TypeVar("T")
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (disk full, permissions...); the message names it and the
+    newest checkpoint that is intact. Raised on the training thread for a background save too."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -93,6 +115,114 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, as private CPU copies that training can no longer change."""
+
+    step: int
+    model_state: dict[str, torch.Tensor]  # tied names share one tensor, as in the model
+    from_model: bool  # names as in the model's state dict (safetensors drops tied duplicates as for the model)
+    training_state: dict[str, Any]
+    state: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+    @property
+    def num_bytes(self) -> int:
+        return _tensor_bytes(self.model_state) + _tensor_bytes(self.training_state)
+
+
+class _StateDictOf:
+    """A stand-in model for safetensors' save_model, which only calls state_dict()."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+
+class _Copier:
+    """Copies tensors to the CPU, into buffers kept for the next snapshot when `reuse` (pinned when the
+    source is on an accelerator, so that the copy is one DMA and the buffer is not allocated again)."""
+
+    def __init__(self, reuse: bool):
+        self.reuse = reuse
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.asynchronous = False
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor (FSDP2 shard): the caller gathers full state first
+            raise ValueError("snapshot: got a sharded DTensor; pass full state dicts (distributed.full_state_dicts)")
+        on_device = tensor.device.type != "cpu"
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = on_device and torch.cuda.is_available()
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            if self.reuse:
+                self.buffers[key] = buffer
+        buffer.copy_(tensor, non_blocking=on_device and buffer.is_pinned())
+        self.asynchronous |= on_device
+        return buffer
+
+    def finish(self) -> None:
+        if self.asynchronous and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies have landed
+        self.asynchronous = False
+
+
+def _copy_tree(value: Any, copier: _Copier | None, key: str, seen: dict) -> Any:
+    """A private copy of a state dict tree: tensors through `copier` (None: kept as they are); aliases
+    stay aliases. Containers and plain values are always copied: they are cheap, and a live list
+    (a scheduler's) may change while the writer serialises it."""
+    if torch.is_tensor(value):
+        if copier is None:
+            return value
+        alias = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 tuple(value.stride()), value.dtype)
+        if alias not in seen:
+            seen[alias] = copier(key, value)
+        return seen[alias]
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _copy_tree(v, copier, f"{key}/{k}", seen)) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(_copy_tree(v, copier, f"{key}/{i}", seen) for i, v in enumerate(value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return copy.deepcopy(value)
+
+
+def _tensor_bytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def snapshot(step: int, model: torch.nn.Module | None, training_state: dict[str, Any], state: dict[str, Any],
+             model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False,
+             copier: _Copier | None = None) -> Snapshot:
+    """Copy what `checkpoint-<step>/` will hold, now: weights, training state, RNG states.
+
+    `fresh=True`: the tensors of `model_state` and `training_state` are already private copies that
+    nothing will change (e.g. full state dicts gathered from FSDP2 shards onto the CPU); they are kept
+    as they are, without another copy.
+    """
+    rng = rng_state()  # the generators as they are between these steps, not when the writer gets to them
+    from_model = model_state is None
+    tensors = model.state_dict() if from_model else model_state
+    copier = None if fresh else copier or _Copier(reuse=False)
+    seen: dict = {}
+    snap = Snapshot(step, _copy_tree(dict(tensors), copier, "model", seen), from_model,
+                    _copy_tree(training_state, copier, "training", seen), copy.deepcopy(state), rng)
+    if copier is not None:
+        copier.finish()
+    return snap
+
+
 def save(
     output_dir: str | Path,
     step: int,
@@ -102,26 +232,43 @@ def save(
     keep: int | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>/` atomically and prune to the newest `keep` checkpoints.
+    """Write `checkpoint-<step>/` atomically and prune to the newest `keep` checkpoints (blocking).
 
     `training_state` holds tensors and plain values (optimizer, scheduler, accumulator
     state dicts); `state` is JSON (step, data position, config). `model_state`, when
     given, is saved instead of `model` (e.g. a full state dict gathered from FSDP shards).
     """
+    # Written straight from the live tensors: nothing runs while this writes, so no copy is needed.
+    return write(output_dir, snapshot(step, model, training_state, state, model_state, fresh=True), keep)
+
+
+def _write_delay() -> None:
+    """Tests only: GRADACCUM_TEST_SAVE_DELAY=<seconds> holds every save after it created its temporary
+    folder and before it reads anything to write, so that a test can kill the process in the middle of
+    a (background) save, and see that the writer reads nothing that training has changed since."""
+    delay = os.environ.get("GRADACCUM_TEST_SAVE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
+def write(output_dir: str | Path, snap: Snapshot, keep: int | None = None) -> Path:
+    """Write a snapshot as `checkpoint-<step>/`: into a temporary folder, fsynced, then renamed into place."""
     output_dir = Path(output_dir)
+    step = snap.step
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        if model_state is None:
-            save_model(model, str(tmp / "model.safetensors"))
+        _write_delay()
+        if snap.from_model:
+            save_model(_StateDictOf(snap.model_state), str(tmp / "model.safetensors"))
         else:
-            save_file(_drop_shared(model_state), str(tmp / "model.safetensors"))
-        torch.save(training_state, tmp / "optimizer.pt")
-        save_file(rng_state(), str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+            save_file(_drop_shared(snap.model_state), str(tmp / "model.safetensors"))
+        torch.save(snap.training_state, tmp / "optimizer.pt")
+        save_file(snap.rng, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(snap.state, indent=2, sort_keys=True))
         manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in REQUIRED_FILES}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         normal_permissions(tmp / name for name in REQUIRED_FILES)
@@ -139,6 +286,162 @@ def save(
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+class AsyncSaver:
+    """Checkpoints written in the background, so that training waits only for an in-memory copy.
+
+        saver = AsyncSaver(output_dir, keep=2)
+        for step ...:
+            if due: saver.save(step, model, training_state, state)   # returns once the copies are taken
+        saver.close()   # waits for the last write; raises its error if it failed
+
+    `save` first waits for the previous save (one in flight at a time) and raises its error if it
+    failed, then snapshots (see `snapshot`) and starts the writer thread. The written folder is the
+    same as `save()` writes, atomically: a kill during a background write leaves a temporary folder
+    (deleted by `remove_partial`) and the previous checkpoints intact. An error of the writer is
+    raised as CheckpointWriteError by the next `save`, `wait` or `close`, on the calling thread.
+
+    Memory: while a save is in flight its snapshot holds the weights and optimizer state once more in
+    CPU memory (`last_snapshot_bytes`); a run's peak includes it (memory.find_micro_batch_size's
+    `reserved_bytes`). `reuse_buffers` (default) keeps those buffers for the next save, which then
+    copies into memory it already owns instead of page-faulting fresh memory (SmolLM2-135M's 1.6 GB
+    on a loaded 2-core CPU: ~1.1 s instead of 2-10 s; for accelerator state they are pinned host
+    memory, costly to allocate). The peak is the same either way; between saves the process keeps the
+    copy resident. `reuse_buffers=False` frees it after each write.
+
+    The writer thread runs at the lowest CPU priority (Linux): on a machine whose cores the training
+    keeps busy it takes idle cycles, so the steps it overlaps are not slowed (it may take longer).
+    """
+
+    def __init__(self, output_dir: str | Path, keep: int | None = None, *, reuse_buffers: bool = True):
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+        self._reuse_buffers = reuse_buffers
+        self._copier: _Copier | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: tuple[int, BaseException] | None = None
+        self.last_stall_seconds = 0.0  # the training thread's wait in the last save: previous write + copies
+        self.last_copy_seconds = 0.0  # the snapshot alone
+        self.last_write_seconds = 0.0  # the background write of the last finished save
+        self.total_stall_seconds = 0.0
+        self.last_snapshot_bytes = 0
+        self.num_saves = 0
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def save(self, step: int, model: torch.nn.Module | None, training_state: dict[str, Any], state: dict[str, Any],
+             model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False) -> float:
+        """Snapshot now, write `checkpoint-<step>/` in the background; returns the seconds training waited."""
+        start = time.perf_counter()
+        self.wait()
+        copied = time.perf_counter()
+        if self._copier is None:
+            self._copier = _Copier(self._reuse_buffers)
+        snap = snapshot(step, model, training_state, state, model_state, fresh=fresh, copier=self._copier)
+        self.last_snapshot_bytes = snap.num_bytes
+        # Not a daemon: an interpreter that exits (an exception on the training thread) finishes the
+        # write first, so a save that was started still lands as a complete checkpoint.
+        self._thread = threading.Thread(target=self._write, args=(snap,), name=f"gradaccum-save-{step}")
+        self._thread.start()
+        end = time.perf_counter()
+        self.last_copy_seconds, self.last_stall_seconds = end - copied, end - start
+        self.total_stall_seconds += self.last_stall_seconds
+        self.num_saves += 1
+        return self.last_stall_seconds
+
+    def _write(self, snap: Snapshot) -> None:
+        start = time.perf_counter()
+        _lower_priority()
+        try:
+            write(self.output_dir, snap, self.keep)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._failure = (snap.step, exc)
+        finally:
+            self.last_write_seconds = time.perf_counter() - start
+
+    def wait(self) -> None:
+        """Block until the save in flight is written; raise CheckpointWriteError if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            step, exc = self._failure
+            self._failure = None
+            previous = find_latest(self.output_dir, warn=lambda _: None)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            raise CheckpointWriteError(f"could not write {self.output_dir}/checkpoint-{step}: {reason}; the previous "
+                                       f"checkpoint is intact: {previous.path if previous else 'none'}", step) from exc
+
+    def close(self) -> None:
+        """Wait for the last save (raising its error) and free the snapshot buffers."""
+        try:
+            self.wait()
+        finally:
+            self._copier = None
+
+    def __enter__(self) -> "AsyncSaver":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Already failing: let the save in flight land, but do not hide the original error behind its own.
+        try:
+            self.close()
+        except CheckpointWriteError:
+            pass
+
+
+def _lower_priority() -> None:
+    """Give the calling (writer) thread the lowest CPU priority (Linux: nice is per thread), so that hashing
+    and serialising take idle cycles rather than the training's intra-op threads, which all wait for
+    the slowest of them. Best effort: elsewhere the thread keeps its priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class SaveCadence:
+    """When the loop saves a checkpoint: every `every_steps` steps when given; otherwise when
+    `every_seconds` of wall time have passed since the last save (or the start), provided the time
+    training has waited for saves, the next one included (estimated by the last), stays within
+    `max_overhead` of the wall time so far. Never at the last step: final/ is written then.
+
+    The clock starts when the cadence is made (make it when the loop starts).
+    """
+
+    def __init__(self, every_steps: int | None = None, every_seconds: float | None = 1800.0,
+                 max_overhead: float = 0.05, clock: Callable[[], float] = time.monotonic):
+        self.every_steps = every_steps or None
+        self.every_seconds = every_seconds or None
+        self.max_overhead = max_overhead
+        self.clock = clock
+        self.start = self.last_save = clock()
+        self.stall_seconds = 0.0
+        self.last_stall = 0.0
+
+    def due(self, step: int, total_steps: int) -> bool:
+        if step >= total_steps:
+            return False
+        if self.every_steps:
+            return step % self.every_steps == 0
+        if not self.every_seconds:
+            return False
+        now = self.clock()
+        if now - self.last_save < self.every_seconds:
+            return False
+        return self.stall_seconds + self.last_stall <= self.max_overhead * (now - self.start)
+
+    def saved(self, stall_seconds: float) -> None:
+        """Record a save and the seconds training waited for it."""
+        self.last_save = self.clock()
+        self.stall_seconds += stall_seconds
+        self.last_stall = stall_seconds
 
 
 def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

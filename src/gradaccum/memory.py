@@ -25,9 +25,15 @@ How a micro-batch size is measured -- one *probe*:
     makes the step, not the backward, the peak; they are counted on top of the memory held after
     the probe's backward. `gradaccum train` steps a fused AdamW, which allocates none, so for it the
     term is a margin; it keeps the prediction safe for loops that step the default AdamW.
-Predicted training peak(m) = max(probe peak(m), after-backward + step temporaries) + optimizer state;
-m fits when that is at most 85% of the budget: over a whole run of many micro-batches allocator
-fragmentation adds to what one probe sees (how much: benchmarks/README.md, "The micro-batch
+  - activation checkpointing: the probe runs the model as it will train, so a model with checkpointing
+    switched on (models.enable_gradient_checkpointing) is measured with it -- its layers recompute in
+    the probe's backward and keep only their inputs. `gradient_checkpointing=True/False` switches it
+    on or off for the probes only.
+  - `reserved_bytes` is memory the run will hold that no probe sees, e.g. the CPU snapshot of a
+    background checkpoint save (checkpoint.AsyncSaver: the weights and optimizer state once more).
+Predicted training peak(m) = max(probe peak(m), after-backward + step temporaries) + optimizer state
++ reserved; m fits when that is at most 85% of the budget: over a whole run of many micro-batches
+allocator fragmentation adds to what one probe sees (how much: benchmarks/README.md, "The micro-batch
 finder"). On the CPU the RSS a probe reads also depends on the allocator's history, which only
 makes it read high.
 
@@ -379,32 +385,57 @@ def _make_probe(loss_module: torch.nn.Module, examples: Sequence[Any], pad_token
 
 
 @contextlib.contextmanager
+def _checkpointing(loss_module: torch.nn.Module, wanted: bool | None):
+    """Activation checkpointing on (True) or off (False) for the probes, as it was afterwards; None: as it is."""
+    from .models import disable_gradient_checkpointing, enable_gradient_checkpointing, gradient_checkpointing_enabled
+
+    model = getattr(loss_module, "model", loss_module)  # CausalLMLoss holds the model it runs
+    if wanted is None or wanted == gradient_checkpointing_enabled(model):
+        yield
+        return
+    (enable_gradient_checkpointing if wanted else disable_gradient_checkpointing)(model)
+    try:
+        yield
+    finally:
+        (disable_gradient_checkpointing if wanted else enable_gradient_checkpointing)(model)
+
+
+@contextlib.contextmanager
 def _probing(loss_module: torch.nn.Module, examples: Sequence[Any], config: Any, device: torch.device,
-             pad_token_id: int):
+             pad_token_id: int, gradient_checkpointing: bool | None = None, reserved_bytes: int = 0):
     """A `probe(m) -> predicted training peak bytes (None: OOM)`, with the model's state restored after."""
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
         if getattr(config, "dtype", None) == "bfloat16" else contextlib.nullcontext
-    with _preserved_state(loss_module, device) as params:
+    if gradient_checkpointing is None:
+        gradient_checkpointing = getattr(config, "gradient_checkpointing", None)
+    with _preserved_state(loss_module, device) as params, _checkpointing(loss_module, gradient_checkpointing):
         # AdamW keeps two tensors per trainable parameter, allocated at its first step.
         optimizer_bytes = 2 * sum(p.numel() * p.element_size() for p in params)
-        yield _make_probe(loss_module, examples, pad_token_id, device, autocast, params, optimizer_bytes)
+        yield _make_probe(loss_module, examples, pad_token_id, device, autocast, params,
+                          optimizer_bytes + reserved_bytes)
 
 
 def predicted_peaks(loss_module: torch.nn.Module, examples: Sequence[Any], sizes: Sequence[int], config: Any = None,
-                    device: torch.device | str = "cpu", pad_token_id: int = 0) -> dict[int, int | None]:
+                    device: torch.device | str = "cpu", pad_token_id: int = 0, *,
+                    gradient_checkpointing: bool | None = None, reserved_bytes: int = 0) -> dict[int, int | None]:
     """The finder's predicted training peak (bytes; None: out of memory) for each micro-batch size in
-    `sizes`, probed in that order with no search -- for benchmarks that check the predictions."""
-    with _probing(loss_module, examples, config, torch.device(device), pad_token_id) as probe:
+    `sizes`, probed in that order with no search -- for benchmarks that check the predictions.
+    `gradient_checkpointing`: probe with activation checkpointing on / off (None: as the model is)."""
+    with _probing(loss_module, examples, config, torch.device(device), pad_token_id, gradient_checkpointing,
+                  reserved_bytes) as probe:
         return {m: probe(m) for m in sizes}
 
 
 def find_micro_batch_size(loss_module: torch.nn.Module, examples: Sequence[Any], config: Any,
-                          device: torch.device | str, pad_token_id: int) -> int:
+                          device: torch.device | str, pad_token_id: int, *, reserved_bytes: int = 0) -> int:
     """The largest micro-batch size that divides the per-rank batch and fits the memory budget.
 
     `config` needs `batch_size` (B); it may have `memory_budget` (bytes or a string like "4GB"; default:
-    `default_budget_bytes`) and `dtype` ("bfloat16" probes under autocast, as the loop runs). Under
-    torch.distributed every rank probes and all take the smallest choice. Prints one line.
+    `default_budget_bytes`), `dtype` ("bfloat16" probes under autocast, as the loop runs) and
+    `gradient_checkpointing` (True/False: probe with activation checkpointing on/off; absent or None:
+    as the model is). `reserved_bytes` is held by the run beside what a probe sees (a background
+    checkpoint's snapshot). Under torch.distributed every rank probes and all take the smallest
+    choice. Prints one line.
     """
     from . import distributed
 
@@ -423,8 +454,11 @@ def find_micro_batch_size(loss_module: torch.nn.Module, examples: Sequence[Any],
     headroom = 0.85  # see the module docstring
     limit = int(headroom * budget)
 
-    with _probing(loss_module, examples, config, device, pad_token_id) as probe:
+    with _probing(loss_module, examples, config, device, pad_token_id, reserved_bytes=reserved_bytes) as probe:
         result = search_micro_batch_size(divisors(per_rank), probe, limit, budget)
+        from .models import gradient_checkpointing_enabled
+
+        checkpointed = gradient_checkpointing_enabled(getattr(loss_module, "model", loss_module))
 
     chosen = result.micro_batch_size
     if distributed.is_distributed():
@@ -440,5 +474,6 @@ def find_micro_batch_size(loss_module: torch.nn.Module, examples: Sequence[Any],
         print(f"micro-batch size auto: {chosen} (accumulation {per_rank // chosen} x world {world} -> batch "
               f"{batch_size}); predicted peak {format_size(result.probes.get(chosen) or 0)} of budget "
               f"{format_size(budget)} ({'device' if device.type == 'cuda' else 'RSS'}, {int(headroom * 100)}% "
-              f"usable; probes of the longest examples, {longest} tokens: {measured})", flush=True)
+              f"usable; probes of the longest examples, {longest} tokens"
+              f"{', activation checkpointing on' if checkpointed else ''}: {measured})", flush=True)
     return chosen
