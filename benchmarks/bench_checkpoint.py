@@ -1,4 +1,4 @@
-"""How long training waits for a checkpoint: blocking `checkpoint.save` vs `checkpoint.AsyncSaver`.
+"""How long training waits for a checkpoint: blocking `checkpoint.save` vs `async_save.AsyncSaver`.
 
     python benchmarks/bench_checkpoint.py                    # tiny preset and SmolLM2-135M-size state
     python benchmarks/bench_checkpoint.py --presets tiny --rounds 5
@@ -78,13 +78,13 @@ def tiny_steps(num_steps: int) -> float:
 
 
 def bench(name: str, rounds: int) -> dict:
-    from gradaccum import checkpoint
+    from gradaccum import async_save, checkpoint
 
     model, optimizer = build(name)
     results = {"save": [], "stall": [], "write": [], "bytes": 0, "steps_alone": [], "steps_writing": [],
                "stall_reused": []}
     root = Path(tempfile.mkdtemp(prefix=f"bench_checkpoint_{name}_"))
-    reusing = checkpoint.AsyncSaver(root / "reused", keep=1, reuse_buffers=True)
+    reusing = async_save.AsyncSaver(root / "reused", keep=1, reuse_buffers=True)
     try:
         for round_index in range(rounds + 1):
             # Reused buffers: the first save allocates them, the timed ones copy into them.
@@ -97,7 +97,7 @@ def bench(name: str, rounds: int) -> dict:
             checkpoint.save(root / "sync", round_index + 1, model, training_state(optimizer), {"step": round_index},
                             keep=1)
             results["save"].append(time.perf_counter() - start)
-            with checkpoint.AsyncSaver(root / "async", keep=1) as saver:
+            with async_save.AsyncSaver(root / "async", keep=1) as saver:
                 results["stall"].append(saver.save(round_index + 1, model, training_state(optimizer),
                                                    {"step": round_index}))
                 results["bytes"] = saver.last_snapshot_bytes
@@ -116,7 +116,7 @@ def bench(name: str, rounds: int) -> dict:
 
 
 def report(results: dict, rounds: int) -> str:
-    lines = ["# Checkpoint saves: blocking vs background (checkpoint.AsyncSaver)", "",
+    lines = ["# Checkpoint saves: blocking vs background (async_save.AsyncSaver)", "",
              f"{machine_line()}. {rounds} rounds, interleaved; medians. 'stall' is what the training loop "
              "waits for: the snapshot (private CPU copies of weights + AdamW state + RNG). 'write' runs in "
              "a background thread: safetensors, optimizer.pt, sha256 manifest, fsync, atomic rename. "

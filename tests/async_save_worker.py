@@ -1,4 +1,4 @@
-"""A small training loop that checkpoints every step through checkpoint.AsyncSaver (test_checkpoint.py).
+"""A small training loop that checkpoints every step through async_save.AsyncSaver (test_checkpoint.py).
 
     python async_save_worker.py OUT STEPS [--resume]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gradaccum import Accumulator, checkpoint
+from gradaccum import Accumulator, async_save, checkpoint
 from gradaccum.losses import token_loss_sum
 from test_gradient_checkpointing import block_lm
 
@@ -47,7 +47,7 @@ def main() -> None:
 
         start = checkpoint.load_latest(out, restore)[1]
     out.mkdir(parents=True, exist_ok=True)
-    with checkpoint.AsyncSaver(out, keep=2) as saver:
+    with async_save.AsyncSaver(out, keep=2) as saver:
         for step in range(start, steps):
             for window in acc.grouped_windows([list(batches(step))]):
                 for batch in window:

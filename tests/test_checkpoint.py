@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gradaccum import checkpoint
+from gradaccum import async_save, checkpoint
 from helpers import TinyLM
 
 
@@ -176,7 +176,7 @@ def test_async_save_writes_what_save_writes(tmp_path):
     model = _tied_llama()
     training_state = _state(model)
     sync = checkpoint.save(tmp_path / "sync", 3, model, training_state, {"step": 3})
-    with checkpoint.AsyncSaver(tmp_path / "async") as saver:
+    with async_save.AsyncSaver(tmp_path / "async") as saver:
         saver.save(3, model, training_state, {"step": 3})
     background = tmp_path / "async" / "checkpoint-3"
     checkpoint.verify(background)
@@ -200,7 +200,7 @@ def test_the_checkpoint_holds_the_state_at_save_time(tmp_path, monkeypatch):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in training_state["optimizer"]["state"][0].items()}
     rng = torch.get_rng_state()
-    saver = checkpoint.AsyncSaver(tmp_path)
+    saver = async_save.AsyncSaver(tmp_path)
     saver.save(1, model, training_state, {"step": 1})
     assert saver.in_flight
     with torch.no_grad():  # the next steps, in place, while the writer works
@@ -219,7 +219,7 @@ def test_the_checkpoint_holds_the_state_at_save_time(tmp_path, monkeypatch):
 
 def test_reused_buffers_never_change_a_written_checkpoint(tmp_path):
     model = TinyLM()
-    saver = checkpoint.AsyncSaver(tmp_path, keep=3)
+    saver = async_save.AsyncSaver(tmp_path, keep=3)
     saved = []
     for step in (1, 2):
         training_state = _state(model)  # a step: changes the weights
@@ -236,7 +236,7 @@ def test_reused_buffers_never_change_a_written_checkpoint(tmp_path):
 def test_training_waits_for_the_copy_not_the_write(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADACCUM_TEST_SAVE_DELAY", "0.6")
     model = TinyLM()
-    saver = checkpoint.AsyncSaver(tmp_path, keep=1)
+    saver = async_save.AsyncSaver(tmp_path, keep=1)
     stall = saver.save(1, model, _state(model), {"step": 1})
     assert stall < 0.3 and saver.in_flight
     # One save in flight: the next one waits for the previous write before copying.
@@ -258,7 +258,7 @@ def test_a_failed_background_write_is_raised_at_the_next_save_and_at_close(tmp_p
             return real_save(obj, path, *args, **kwargs)
         return save
 
-    saver = checkpoint.AsyncSaver(tmp_path)
+    saver = async_save.AsyncSaver(tmp_path)
     saver.save(1, model, _state(model), {"step": 1})
     monkeypatch.setattr(checkpoint.torch, "save", full_disk_for(2))
     saver.save(2, model, _state(model), {"step": 2})  # fails in the background; training goes on
@@ -277,7 +277,7 @@ def test_an_error_on_the_training_thread_is_not_hidden_by_the_save_in_flight(tmp
     monkeypatch.setenv("GRADACCUM_TEST_SAVE_DELAY", "0.2")
     model = TinyLM()
     with pytest.raises(KeyError):
-        with checkpoint.AsyncSaver(tmp_path) as saver:
+        with async_save.AsyncSaver(tmp_path) as saver:
             saver.save(1, model, _state(model), {"step": 1})
             raise KeyError("the training failed")
     checkpoint.verify(tmp_path / "checkpoint-1")  # the save in flight still landed, whole
@@ -329,13 +329,13 @@ class FakeClock:
 
 
 def test_cadence_every_n_steps_never_at_the_last_step():
-    cadence = checkpoint.SaveCadence(every_steps=3)
+    cadence = async_save.SaveCadence(every_steps=3)
     assert [s for s in range(1, 10) if cadence.due(s, total_steps=9)] == [3, 6]
 
 
 def test_cadence_by_wall_time_keeps_the_stall_under_five_percent():
     clock = FakeClock()
-    cadence = checkpoint.SaveCadence(every_seconds=60, max_overhead=0.05, clock=clock)
+    cadence = async_save.SaveCadence(every_seconds=60, max_overhead=0.05, clock=clock)
     clock.now = 59
     assert not cadence.due(1, 100)
     clock.now = 61
@@ -351,4 +351,4 @@ def test_cadence_by_wall_time_keeps_the_stall_under_five_percent():
     assert not cadence.due(5, 1000)  # 60 s since it, but 42 s of 200 s would be 21%
     clock.now = 840
     assert cadence.due(6, 1000)  # 42 of 840 s = 5%
-    assert not checkpoint.SaveCadence(every_seconds=0, clock=clock).due(1, 10)
+    assert not async_save.SaveCadence(every_seconds=0, clock=clock).due(1, 10)

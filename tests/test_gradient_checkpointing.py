@@ -23,7 +23,7 @@ from gradaccum.data import Example, pack
 from gradaccum.losses import CausalLMLoss
 from gradaccum.models import (ModelError, disable_gradient_checkpointing, enable_gradient_checkpointing,
                               gradient_checkpointing_enabled)
-from helpers import VOCAB, collate, full_batch_reference, make_examples, one_thread, relative_error  # noqa: F401
+from helpers import VOCAB, collate, full_batch_reference, make_examples, relative_error
 from helpers import tiny_llama
 
 

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "gradaccum"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 100
 # The core knows no job: it never imports these (DESIGN.md: cli -> jobs -> setup -> core).
-CORE = ("accumulate", "precision", "losses", "distributed", "data", "records", "models", "packing", "checkpoint")
+CORE = ("accumulate", "precision", "losses", "distributed", "data", "records", "models", "packing", "checkpoint",
+        "async_save", "layer_checkpointing")
 JOBS = ("cli", "train", "audit", "check", "hf", "setup", "run_folder", "plots")
 
 

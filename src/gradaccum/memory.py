@@ -30,7 +30,7 @@ How a micro-batch size is measured -- one *probe*:
     the probe's backward and keep only their inputs. `gradient_checkpointing=True/False` switches it
     on or off for the probes only.
   - `reserved_bytes` is memory the run will hold that no probe sees, e.g. the CPU snapshot of a
-    background checkpoint save (checkpoint.AsyncSaver: the weights and optimizer state once more).
+    background checkpoint save (async_save.AsyncSaver: the weights and optimizer state once more).
 Predicted training peak(m) = max(probe peak(m), after-backward + step temporaries) + optimizer state
 + reserved; m fits when that is at most 85% of the budget: over a whole run of many micro-batches
 allocator fragmentation adds to what one probe sees (how much: benchmarks/README.md, "The micro-batch
