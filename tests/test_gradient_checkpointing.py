@@ -391,3 +391,36 @@ def _model_error(model, reference, initial) -> float:
     diff = sum(float((a - b).pow(2).sum()) for a, b in zip(params(model), params(reference)))
     update = sum(float((b - c).pow(2).sum()) for b, c in zip(params(reference), params(initial)))
     return (diff / update) ** 0.5
+
+
+def test_cli_gradient_checkpointing_ends_with_the_same_weights(tmp_path, capsys):
+    """`gradaccum train --gradient-checkpointing` (tiny preset, float64, 3 steps) ends with the weights of
+    the same run without it, to 1e-9; the log says checkpointing was on, so it cannot pass switched off."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from gradaccum.cli import main
+    from gradaccum.models import load_model
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + {i % 5} =", "completion": f" {i + i % 5}" * (1 + i % 3)})
+                            + "\n" for i in range(12)))
+    finals = {}
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / ("on" if flag else "off")
+        code = main(["train", "--data", str(data), "--output", str(out), "--no-progress", "--dtype", "float64",
+                     "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0",
+                     "--save-every", "0", *flag])
+        log = capsys.readouterr().out
+        assert code == 0, log[-2000:]
+        assert ("activation checkpointing:" in log) == bool(flag), log[-2000:]
+        finals[bool(flag)] = load_file(str(out / "final" / "model.safetensors"))
+    initial = load_model("tiny", dtype=torch.float64)[0].state_dict()
+    assert finals[True].keys() == finals[False].keys() and finals[False].keys() <= initial.keys()
+    # ||w_on - w_off|| / ||w_off - w_0||: relative to what the 3 steps changed
+    diff = sum(float((finals[True][k] - finals[False][k]).pow(2).sum()) for k in finals[False])
+    update = sum(float((finals[False][k] - initial[k]).pow(2).sum()) for k in finals[False])
+    assert update > 0 and (diff / update) ** 0.5 < 1e-9, (diff, update)
+    config = json.loads((tmp_path / "on" / "run_config.json").read_text())
+    assert config["gradient_checkpointing"] is True

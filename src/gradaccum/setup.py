@@ -17,7 +17,7 @@ import torch
 from .config import RunConfig, TrainConfig
 from .data import IGNORE_INDEX, DataStats, Example, read_records, tokenize
 from .errors import ConfigError, DataError, ModelError
-from .models import apply_lora, load_model
+from .models import apply_lora, enable_gradient_checkpointing, load_model
 
 # The parameters' dtype for each --dtype: bfloat16 trains float32 master weights under autocast.
 PARAMETER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
@@ -55,13 +55,17 @@ def autocast_for(dtype: str, device: torch.device) -> Callable[[], ContextManage
     return contextlib.nullcontext
 
 
-def build_model(config: RunConfig, device: torch.device):
-    """(model, tokenizer) on `device`: the same weights for the same seed, LoRA adapters included."""
+def build_model(config: RunConfig, device: torch.device, log: Callable[[str], None] = lambda _: None):
+    """(model, tokenizer) on `device`: the same weights for the same seed, LoRA adapters included, with
+    activation checkpointing when asked (before any DDP/FSDP2 wrapping, which must see the layers as
+    they will run; the micro-batch finder then measures with it)."""
     torch.manual_seed(config.seed)  # LoRA adapters and anything else random start from the seed
     model, tokenizer = load_model(config.model, dtype=PARAMETER_DTYPES[config.dtype], seed=config.seed,
                                   trust_remote_code=config.trust_remote_code)
     if config.lora:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha)
+    if config.gradient_checkpointing:
+        log(enable_gradient_checkpointing(model))
     if tokenizer.pad_token_id is None:
         raise ModelError(f"--model {config.model}: its tokenizer has no pad token")
     return model.to(device), tokenizer

@@ -145,7 +145,7 @@ def set_up(config: TrainConfig) -> Run:
         raise ConfigError(f"--resume: the checkpoints in {output}/ were written {how} --fsdp under torchrun; "
                           "resume them the same way")
 
-    model, tokenizer = build_model(config, device)
+    model, tokenizer = build_model(config, device, log)
     if config.packing and (reason := packing_unsupported_reason(model)):
         raise ConfigError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
