@@ -15,7 +15,7 @@ MAX_FUNCTION_LINES = 100
 # The core knows no job: it never imports these (DESIGN.md: cli -> jobs -> setup -> core).
 CORE = ("accumulate", "precision", "losses", "distributed", "data", "records", "models", "packing", "checkpoint",
         "async_save", "layer_checkpointing")
-JOBS = ("cli", "train", "audit", "check", "hf", "setup", "run_folder", "plots")
+JOBS = ("cli", "train", "saving", "audit", "check", "hf", "setup", "run_folder", "plots")
 
 
 def _modules() -> dict[str, Path]:

@@ -31,11 +31,18 @@ def _steps_logged(out) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _kill_after(cmd, out, num_steps, sig=signal.SIGKILL, delay=0.0):
-    """Start training, wait until `num_steps` steps are logged (+ delay), then send `sig`."""
+def _has_checkpoint(out) -> bool:
+    return any((path / "manifest.json").exists() for path in out.glob("checkpoint-*"))
+
+
+def _kill_after(cmd, out, num_steps, sig=signal.SIGKILL, delay=0.0, checkpointed=False):
+    """Start training, wait until `num_steps` steps are logged (and, `checkpointed`, a checkpoint is
+    complete: saves are written in the background, so a logged step no longer implies it) (+ delay),
+    then send `sig`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    while _steps_logged(out) < num_steps and proc.poll() is None and time.time() < deadline:
+    while ((_steps_logged(out) < num_steps or (checkpointed and not _has_checkpoint(out))) and proc.poll() is None
+           and time.time() < deadline):
         time.sleep(0.01)
     time.sleep(delay)
     proc.send_signal(sig)
@@ -49,8 +56,9 @@ def test_sigkill_at_several_points_then_resume_gives_the_same_weights(tmp_path):
     subprocess.run(_cmd(tmp_path, straight), check=True, capture_output=True, timeout=300)
 
     out = tmp_path / "killed"
-    # Kill 1: right after step 2 is logged (between the metrics line and the checkpoint, or mid-window 3).
-    code, _, _ = _kill_after(_cmd(tmp_path, out), out, 2)
+    # Kill 1: once step 2 is logged and a checkpoint is complete (mid-window, or mid-way through a
+    # background write of the next checkpoint).
+    code, _, _ = _kill_after(_cmd(tmp_path, out), out, 2, checkpointed=True)
     assert code == -signal.SIGKILL
     # Kill 2: resumed, then killed a little later, wherever it is (mid-window or mid-save).
     code, _, _ = _kill_after(_cmd(tmp_path, out, "--resume"), out, 5, delay=0.05)

@@ -120,7 +120,9 @@ class TrainConfig(RunConfig):
                               "when a probe finds packed documents mixing; --normalize tokens)")
     eval_every: int | None = _f(None, "evaluate every N steps (default: 5 evaluations per run; 0 disables)")
     eval_examples: int = _f(200, "held-out examples used for exact-match accuracy")
-    save_every: int | None = _f(None, "write checkpoint-N/ every N steps (default: 4 per run; 0 disables)")
+    save_every: int | None = _f(None, "write checkpoint-N/ every N steps, in the background (default: every 30 "
+                                      "minutes of wall time while waiting for saves stays under 5% of the run; "
+                                      "0 disables; SIGINT/SIGTERM always save)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     resume: bool = _f(False, "continue from the newest complete checkpoint in --output")
     overwrite: bool = _f(False, "reuse an --output folder that holds a different run")

@@ -8,7 +8,8 @@ the step number to know where it is in the data.
 
 `train()` reads top to bottom as its phases: `set_up` builds a `Run` (everything fixed for the
 run), `start` resumes and makes the first write, the loop runs `train_window`, `evaluate` and
-`log_step` once per window, and `finish` saves final/ and plots. The loop's state is one `Progress`.
+`log_step` once per window (saving.Checkpointing: background saves), and `finish` saves final/ and plots.
+The loop's state is one `Progress`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .losses import CausalLMLoss, count_target_sequences, count_targets
 from .memory import peak_memory_bytes
 from .models import final_state_dict, own_memory, save_final
 from .packing import packing_unsupported_reason
+from .saving import Checkpointing, snapshot_bytes
 from .setup import (autocast_for, build_model, default_lr, optimizer_and_schedule, resolve_batch, resolve_device,
                     pairs_note, training_data_path, training_examples)
 
@@ -80,7 +82,6 @@ class Run:
     windows_per_epoch: int
     total_steps: int
     eval_every: int
-    save_every: int
 
 
 @dataclass
@@ -102,7 +103,7 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
 
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not (run.is_main and config.progress),
                unit="step", dynamic_ncols=True)
-    with StopRequest() as stop, warnings.catch_warnings():
+    with StopRequest() as stop, warnings.catch_warnings(), Checkpointing(run) as saves:
         # The Accumulator warns about skipped windows; here they get one log line each instead.
         warnings.filterwarnings("ignore", message=r"window \d+")
         for window in run.acc.grouped_windows(micro_batches(run, progress.step)):
@@ -113,10 +114,10 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
             log_step(run, progress, record, bar)
             progress.stopped_by = distributed.any_rank(stop.signal)  # every rank stops after the same window
             if progress.stopped_by is not None:
-                save_checkpoint(run, progress.step)
+                saves.save(progress.step, wait=True)
                 break
-            if run.save_every and progress.step % run.save_every == 0 and progress.step < run.total_steps:
-                save_checkpoint(run, progress.step)
+            if saves.due(progress.step):
+                saves.save(progress.step)
     bar.close()
     return finish(run, progress, t_start, keep_final_state)
 
@@ -156,13 +157,14 @@ def set_up(config: TrainConfig) -> Run:
 
     if config.micro_batch_size == "auto":
         from .memory import find_micro_batch_size  # measured probe; prints its choice
-        micro_batch_size = find_micro_batch_size(loss_module, examples, config, device, tokenizer.pad_token_id)
+        # On the CPU a save's snapshot shares the memory the finder budgets (on a GPU it is host memory).
+        micro_batch_size = find_micro_batch_size(loss_module, examples, config, device, tokenizer.pad_token_id,
+                                                 reserved_bytes=snapshot_bytes(model) if device.type == "cpu" else 0)
     else:
         micro_batch_size = config.micro_batch_size
     accumulation_steps, batch_size = resolve_batch(config, world_size, micro_batch_size,
                                                    resumed["batch_size"] if resumed else None)
-    windows_per_epoch, total_steps, warmup_steps, eval_every, save_every = _schedule(config, len(examples),
-                                                                                     batch_size)
+    windows_per_epoch, total_steps, warmup_steps, eval_every = _schedule(config, len(examples), batch_size)
     lr = default_lr(config)
     log(f"batch: {batch_size} sequences per step = micro-batch {micro_batch_size} x accumulation "
         f"{accumulation_steps} x world {world_size}; {total_steps} steps, {windows_per_epoch} per epoch; "
@@ -181,7 +183,7 @@ def set_up(config: TrainConfig) -> Run:
                examples=examples, lengths=[len(example.input_ids) for example in examples],
                eval_examples=eval_examples, eval_records=eval_records, micro_batch_size=micro_batch_size,
                accumulation_steps=accumulation_steps, batch_size=batch_size, windows_per_epoch=windows_per_epoch,
-               total_steps=total_steps, eval_every=eval_every, save_every=save_every)
+               total_steps=total_steps, eval_every=eval_every)
 
 
 def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], list[dict]]:
@@ -202,8 +204,8 @@ def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
     return examples, eval_examples, [record for _, record in eval_lines]
 
 
-def _schedule(config: TrainConfig, num_examples: int, batch_size: int) -> tuple[int, int, int, int, int]:
-    """(windows per epoch, total steps, warm-up steps, eval every, save every) with their defaults."""
+def _schedule(config: TrainConfig, num_examples: int, batch_size: int) -> tuple[int, int, int, int]:
+    """(windows per epoch, total steps, warm-up steps, eval every) with their defaults (saving.py: when to save)."""
     windows_per_epoch = math.ceil(num_examples / batch_size)
     if config.max_steps is not None:
         total_steps = config.max_steps
@@ -215,8 +217,7 @@ def _schedule(config: TrainConfig, num_examples: int, batch_size: int) -> tuple[
     def default(value: int | None, fraction: int) -> int:
         return value if value is not None else max(1, total_steps // fraction)
 
-    return (windows_per_epoch, total_steps, default(config.warmup_steps, 20), default(config.eval_every, 5),
-            default(config.save_every, 4))
+    return windows_per_epoch, total_steps, default(config.warmup_steps, 20), default(config.eval_every, 5)
 
 
 def resume_point(output: Path) -> dict[str, Any]:
@@ -385,27 +386,6 @@ def log_step(run: Run, progress: Progress, record: dict[str, Any], bar) -> None:
         raise TrainingError(f"loss or gradient was not finite for {progress.num_nonfinite_in_row} windows in a "
                             f"row (last at step {progress.step}); no NaN reached the weights. Lower --lr or "
                             "check the data")
-
-
-def save_checkpoint(run: Run, step: int) -> None:
-    # FSDP2: gather full tensors (a collective on every rank); otherwise rank 0 holds them all.
-    model_state, optimizer_state = distributed.full_state_dicts(run.model, run.optimizer) if run.fsdp \
-        else (None, run.optimizer.state_dict())
-    training_state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
-                      "accumulator": run.acc.state_dict()}
-    state = {"step": step, "epoch": step // run.windows_per_epoch, "window_in_epoch": step % run.windows_per_epoch,
-             "batch_size": run.batch_size, "seed": run.config.seed, "fsdp": run.fsdp, "world_size": run.world_size,
-             "config": run.config.to_dict()}
-    if run.is_main:
-        try:
-            checkpoint.save(run.output, step, run.model, training_state, state, keep=run.config.keep_checkpoints,
-                            model_state=model_state)
-        except OSError as exc:
-            previous = checkpoint.find_latest(run.output, warn=lambda _: None)
-            raise TrainingError(f"could not write {run.output}/checkpoint-{step}: {exc.strerror or exc}; "
-                                f"the previous checkpoint is intact: {previous.path if previous else 'none'}"
-                                ) from None
-    distributed.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
