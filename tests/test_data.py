@@ -282,8 +282,9 @@ def test_tokenize_rejects_bad_max_length_and_bad_records():
 
 def test_bundled_format_examples_tokenize():
     tokenizer = make_tokenizer()
-    for name in ("train.jsonl", "eval.jsonl", "chat.jsonl", "text.jsonl"):
-        path = EXAMPLES_DIR / name
+    from gradaccum.tasks import default_eval_path, default_train_path
+
+    for path in (default_train_path(), default_eval_path(), EXAMPLES_DIR / "chat.jsonl", EXAMPLES_DIR / "text.jsonl"):
         examples, stats = tokenize(read_jsonl(path), tokenizer, max_length=256, path=path)
         assert stats.num_examples == len(examples) > 0
         assert stats.num_empty_targets == 0 and stats.num_truncated == 0

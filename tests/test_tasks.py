@@ -16,24 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def solve(prompt: str) -> str:
     """An independent solver: parse the prompt back and compute the answer."""
     body = prompt.removesuffix(" =")
-    if m := re.fullmatch(r"copy: ([a-z]+)", body):
+    if m := re.fullmatch(r"copy: ([a-z]{1,6})", body):
         return m[1]
-    if m := re.fullmatch(r"uppercase: ([a-z]+)", body):
+    if m := re.fullmatch(r"uppercase: ([a-z]{1,6})", body):
         return m[1].upper()
-    if m := re.fullmatch(r"add: (\d+) \+ (\d+)", body):
-        return str(int(m[1]) + int(m[2]))
-    if m := re.fullmatch(r"subtract: (\d+) - (\d+)", body):
-        return str(int(m[1]) - int(m[2]))
-    if m := re.fullmatch(r"reverse: ([a-z]+)", body):
+    if m := re.fullmatch(r"reverse: ([a-z]{2,5})", body):
         return m[1][::-1]
-    if m := re.fullmatch(r"sort: ([a-z0-9]+)", body):
+    if m := re.fullmatch(r"sort: ([a-z]{2,4})", body):
         return "".join(sorted(m[1]))
-    if m := re.fullmatch(r"count '([a-z])' in: ([a-z]+)", body):
-        return str(m[2].count(m[1]))
-    if m := re.fullmatch(r"repeat ([a-z]+) (\d+) times", body):
+    if m := re.fullmatch(r"repeat ([a-z]{2,4}) ([1-4]) times", body):
         return " ".join([m[1]] * int(m[2]))
-    if m := re.fullmatch(r"last word of: ([a-z ]+)", body):
-        return m[1].split()[-1]
     raise AssertionError(f"unknown prompt {prompt!r}")
 
 
@@ -64,12 +56,11 @@ def test_answers_are_correct(records):
         assert record["completion"] == " " + solve(record["prompt"]), record
 
 
-def test_lengths_vary_widely(records):
-    """The point of the bundled data: very different numbers of target tokens per example."""
-    prompt_chars = [len(r["prompt"]) for r in records]
-    completion_chars = [len(r["completion"].strip()) for r in records]
-    assert min(prompt_chars) <= 12 and max(prompt_chars) >= 80
-    assert min(completion_chars) == 1 and max(completion_chars) >= 40
+def test_answer_lengths_vary_widely(records):
+    """The point of the bundled data for accumulation: very different numbers of target tokens per example."""
+    answer_chars = [len(r["completion"].strip()) for r in records]
+    assert min(answer_chars) == 1 and max(answer_chars) == 19
+    assert min(len(r["prompt"]) for r in records) == 9 and max(len(r["prompt"]) for r in records) == 21
 
 
 @pytest.mark.parametrize("prediction, completion, expected", [
@@ -98,12 +89,12 @@ def read_records(path: Path) -> list[dict]:
 
 
 def test_bundled_files_are_what_make_data_writes():
-    """The packaged defaults and examples/data must not drift from tasks.py: rerun examples/make_data.py."""
+    """The packaged defaults must not drift from tasks.py: rerun examples/make_data.py."""
     train, held_out = tasks.train_eval_split()
     assert len(train) == tasks.DEFAULT_TRAIN_SIZE and len(held_out) == tasks.DEFAULT_EVAL_SIZE
     assert read_records(tasks.default_train_path()) == train
     assert read_records(tasks.default_eval_path()) == held_out
-    assert read_records(ROOT / "examples" / "data" / "train.jsonl") == train
-    assert read_records(ROOT / "examples" / "data" / "eval.jsonl") == held_out
+    assert {r["task"] for r in held_out} == set(tasks.TASKS)
     total_bytes = sum(p.stat().st_size for p in (ROOT / "examples" / "data").glob("*.jsonl"))
     assert total_bytes < 1_000_000
+

@@ -211,7 +211,7 @@ def train(config: TrainConfig) -> TrainResult:
     elif config.epochs is not None:
         total_steps = math.ceil(config.epochs * windows_per_epoch)
     else:
-        total_steps = 300 if config.model == "tiny" else windows_per_epoch
+        total_steps = 1200 if config.model == "tiny" else windows_per_epoch
     lr = default_lr(config)
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 20)
     eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 5)
