@@ -1,7 +1,8 @@
-"""Held-out evaluation: exact token-mean loss and greedy exact-match accuracy."""
+"""Held-out evaluation: exact token-mean loss, greedy exact-match accuracy, sample generations."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -27,40 +28,92 @@ def eval_loss(loss_module: torch.nn.Module, examples: list[Example], pad_token_i
 
 
 @torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
+                     max_new_tokens: list[int] | int = 64, batch_size: int = 16) -> list[str]:
+    """Greedy continuation of each prompt, cut at EOS (`max_new_tokens` may be one limit per prompt)."""
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    was_training = model.training
+    model.eval()
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [_prompt_ids(tokenizer, prompt) for prompt in prompts[start:start + batch_size]]
+        width = max(map(len, ids))
+        # Left padding keeps every prompt's last token at the same position for batched decoding.
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, row_ids in enumerate(ids):
+            input_ids[row, width - len(row_ids):] = torch.tensor(row_ids)
+            attention_mask[row, width - len(row_ids):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max(limits[start:start + batch_size]), do_sample=False,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in range(len(ids)):
+            new = out[row, width:].tolist()
+            if eos in new:
+                new = new[:new.index(eos)]
+            answers.append(tokenizer.decode(new, skip_special_tokens=True))
+    model.train(was_training)
+    return answers
+
+
+def _answer_pairs(records: list[dict]) -> list[tuple[str, str]]:
+    return [(r["prompt"], r["completion"]) for r in records if "prompt" in r and "completion" in r]
+
+
+def _predict(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], device: torch.device,
+             max_new_tokens: int, batch_size: int) -> list[str]:
+    # Room for the expected answer and two tokens more: enough to see a wrong or unended answer.
+    limits = [min(max_new_tokens, len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 2) for _, c in pairs]
+    return generate_answers(model, tokenizer, [p for p, _ in pairs], device, limits, batch_size)
+
+
+@torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer: Any, records: list[dict], device: torch.device,
                 max_new_tokens: int = 64, batch_size: int = 16) -> float | None:
     """Fraction of {prompt, completion} records whose greedy continuation equals the completion."""
     from .tasks import exact_match as matches
 
-    pairs = [(r["prompt"], r["completion"]) for r in records if "prompt" in r and "completion" in r]
+    pairs = _answer_pairs(records)
     if not pairs:
         return None
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        prompts = [_prompt_ids(tokenizer, prompt) for prompt, _ in chunk]
-        width = max(map(len, prompts))
-        # Left padding keeps every prompt's last token at the same position for batched decoding.
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in chunk)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=min(max_new_tokens, longest + 2), do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
-        for row, (_, completion) in enumerate(chunk):
-            new = out[row, width:].tolist()
-            if eos in new:
-                new = new[:new.index(eos)]
-            correct += matches(tokenizer.decode(new, skip_special_tokens=True), completion)
-    model.train(was_training)
-    return correct / len(pairs)
+    predictions = _predict(model, tokenizer, pairs, device, max_new_tokens, batch_size)
+    return sum(matches(pred, completion) for pred, (_, completion) in zip(predictions, pairs)) / len(pairs)
+
+
+def sample_lines(model: torch.nn.Module, tokenizer: Any, records: list[dict], device: torch.device,
+                 num_samples: int = 6, max_new_tokens: int = 64) -> list[str]:
+    """A few held-out generations as `✓ prompt -> answer` lines, one task of each kind first."""
+    from .tasks import exact_match as matches
+
+    pairs, seen_tasks = [], set()
+    for record in records:  # first one record per task, then any, in file order
+        if record.get("task") not in seen_tasks and "prompt" in record and "completion" in record:
+            seen_tasks.add(record.get("task"))
+            pairs.append((record["prompt"], record["completion"]))
+    pairs = (pairs + [p for p in _answer_pairs(records) if p not in pairs])[:num_samples]
+    if not pairs:
+        return []
+    right, wrong = _marks()
+    lines = []
+    for prediction, (prompt, completion) in zip(_predict(model, tokenizer, pairs, device, max_new_tokens, 16), pairs):
+        answer = prediction.strip().split("\n", 1)[0].strip() if prediction.strip() else ""
+        if matches(prediction, completion):
+            lines.append(f"  {right} {prompt} -> {answer}")
+        else:
+            lines.append(f"  {wrong} {prompt} -> {answer or '(nothing)'}   (expected {completion.strip()})")
+    return lines
+
+
+def _marks() -> tuple[str, str]:
+    """Check marks where the console can print them (a Windows code page may not)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "\u2713\u2717".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "ok", "x "
+    return "\u2713", "\u2717"
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:

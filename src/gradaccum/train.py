@@ -369,6 +369,11 @@ def train(config: TrainConfig) -> TrainResult:
         from .plots import plot_training
         plot_training(metrics, output / "loss.png", title=f"{config.model}: B={batch_size}, "
                       f"{micro_batch_size}x{accumulation_steps}x{world_size}, {config.accumulation}")
+    if is_main and not interrupted:  # samples of what it learned; the tiny preset also proves its first step
+        from .proof import end_of_run_lines
+        for line in end_of_run_lines(config, model, tokenizer, examples, eval_records, batch_size,
+                                     micro_batch_size, device, world_size):
+            log(line)
     wall = time.perf_counter() - t_start
     if metrics and is_main:
         first = next((m["loss"] for m in metrics if not m["skipped"]), float("nan"))
