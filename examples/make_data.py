@@ -3,12 +3,14 @@
     python examples/make_data.py
 
 Writes
-    examples/data/train.jsonl, eval.jsonl   prompt/completion split (eval prompts never occur in train)
-    src/gradaccum/assets/train.jsonl, eval.jsonl   the same files, shipped inside the package
-    examples/data/chat.jsonl                {"messages": [...]} format example
-    examples/data/text.jsonl                {"text": ...} format example
-    examples/data/alpaca.json               Alpaca format example, a JSON array
-    examples/data/sharegpt.jsonl            ShareGPT format example
+    src/gradaccum/assets/train.jsonl, eval.jsonl   the default run's prompt/completion split, shipped
+                                                   inside the package (eval prompts never occur in train)
+    examples/data/chat.jsonl                       {"messages": [...]} format example
+    examples/data/text.jsonl                       {"text": ...} format example
+    examples/data/alpaca.json                      Alpaca format example, a JSON array
+    examples/data/sharegpt.jsonl                   ShareGPT format example
+
+The prompt/completion format's example is the bundled split itself: src/gradaccum/assets/train.jsonl.
 
 The output is a pure function of the seeds, so rerunning it leaves the files unchanged.
 """
@@ -74,9 +76,8 @@ def chat_records(pairs: list[dict], rng: random.Random) -> list[dict]:
 
 def main() -> None:
     train, held_out = tasks.train_eval_split()
-    for directory in (EXAMPLES, ASSETS):
-        write_jsonl(directory / "train.jsonl", train)
-        write_jsonl(directory / "eval.jsonl", held_out)
+    write_jsonl(ASSETS / "train.jsonl", train)
+    write_jsonl(ASSETS / "eval.jsonl", held_out)
 
     pairs = tasks.generate(3 * NUM_FORMAT_EXAMPLES, seed=FORMAT_SEED)
     write_jsonl(EXAMPLES / "chat.jsonl", chat_records(pairs, random.Random(FORMAT_SEED)))

@@ -311,10 +311,11 @@ def test_tokenize_rejects_bad_max_length_and_bad_records():
 
 def test_bundled_format_examples_tokenize():
     tokenizer = make_tokenizer()
-    for name, kind in [("train.jsonl", "prompt_completion"), ("eval.jsonl", "prompt_completion"),
-                       ("chat.jsonl", "messages"), ("text.jsonl", "text"), ("alpaca.json", "alpaca"),
-                       ("sharegpt.jsonl", "sharegpt")]:
-        path = EXAMPLES_DIR / name
+    from gradaccum.tasks import default_eval_path, default_train_path
+
+    for path, kind in [(default_train_path(), "prompt_completion"), (default_eval_path(), "prompt_completion"),
+                       (EXAMPLES_DIR / "chat.jsonl", "messages"), (EXAMPLES_DIR / "text.jsonl", "text"),
+                       (EXAMPLES_DIR / "alpaca.json", "alpaca"), (EXAMPLES_DIR / "sharegpt.jsonl", "sharegpt")]:
         examples, stats = tokenize(read_records(path), tokenizer, max_length=256, path=path)
         assert stats.num_examples == len(examples) > 0 and stats.num_by_format == {kind: len(examples)}
         assert stats.num_empty_targets == 0 and stats.num_truncated == 0

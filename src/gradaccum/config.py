@@ -103,7 +103,7 @@ class TrainConfig(RunConfig):
     accumulation_steps: int | None = _f(None, "micro-batches per optimizer step (default: from --batch-size, else 4)")
     batch_size: int | None = _f(None, "effective batch in sequences per optimizer step over all ranks "
                                       "(= micro-batch size x accumulation steps x world size)")
-    max_steps: int | None = _f(None, "optimizer steps to take (default: --epochs, else 300 for the tiny preset, "
+    max_steps: int | None = _f(None, "optimizer steps to take (default: --epochs, else 1200 for the tiny preset, "
                                      "1 epoch otherwise)")
     epochs: float | None = _f(None, "passes over the training data (alternative to --max-steps)")
     warmup_steps: int | None = _f(None, "linear warm-up steps before the cosine decay (default: 5% of the steps)")

@@ -101,7 +101,8 @@ def build_tokenizer():
 
 def tiny_config(vocab_size: int = 256 + len(SPECIAL_TOKENS), *, pad_token_id: int | None = PAD_ID,
                 bos_token_id: int | None = BOS_ID, eos_token_id: int | None = EOS_ID, **overrides):
-    """The `tiny` preset: a ~2.3M-parameter Llama, small enough to fine-tune on a laptop CPU in minutes.
+    """The `tiny` preset: a 0.33M-parameter Llama that learns the bundled tasks on two CPU cores in about two
+    minutes (tasks.py).
 
     `overrides` replace any LlamaConfig field (e.g. `hidden_size=64` for a faster test model).
     """
@@ -109,11 +110,15 @@ def tiny_config(vocab_size: int = 256 + len(SPECIAL_TOKENS), *, pad_token_id: in
 
     fields = dict(
         vocab_size=vocab_size,
-        hidden_size=192,
-        intermediate_size=768,  # 4x hidden
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in the real models we load
+        # Two layers of many narrow heads: copying from the prompt needs a pair of heads (one that
+        # looks at the previous token, one that matches it), and eight heads per layer find such a
+        # pair within a few hundred steps. 4 layers x 4 heads of 192 took 3x longer per step and
+        # had learned nothing after 300; 4 heads of 32 or 3 layers learned more slowly than this.
+        hidden_size=128,
+        intermediate_size=256,  # 2x hidden: the tasks live in attention; 4x cost 30% more time, no accuracy
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,  # grouped-query attention, as in the real models we load
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=pad_token_id,

@@ -1,11 +1,13 @@
 """Synthetic prompt/completion tasks with checkable answers: the bundled default data.
 
 Every prompt ends with the separator `" ="` and every completion starts with a space, so the
-completion is a plain continuation of the prompt. The tasks are chosen so that lengths vary widely
-(prompts ~10 to ~100 characters, completions ~2 to ~60): micro-batches then hold very different
-numbers of target tokens, which is exactly the case where naive gradient accumulation is wrong.
-Some tasks are easy enough (copy, uppercase, small counts) for a ~2M-parameter byte-level model
-to get some answers exactly right after a couple of minutes on a CPU.
+completion is a plain continuation of the prompt. Five character-level tasks on short random
+words (copy, uppercase, reverse, sort, repeat) suit the byte-level `tiny` preset: a 0.33M-parameter
+model learns them from scratch in 1200 steps (about 1.5 minutes on two CPU cores) to 87.5%
+held-out exact match (the default run). All of them make the model find and copy characters of
+the prompt, so one that gets them right visibly reads its input. Answers range from 1 to 19
+characters (3 to 21 target tokens with the leading space and EOS), so micro-batches hold very
+different numbers of target tokens, which is the case where naive gradient accumulation is wrong.
 
     records = generate(100, seed=0)    # [{"prompt": "copy: kiw =", "completion": " kiw", "task": "copy"}, ...]
     exact_match(" kiw\\ncopy: ...", " kiw")   # True: only the first line of a prediction counts
@@ -33,7 +35,9 @@ __all__ = [
     "default_eval_path",
 ]
 
-DEFAULT_TRAIN_SIZE = 2000
+# 20000 examples: the default run's 1200 steps of 32 see each about twice. From 2000 the model
+# learns the training set by heart instead (train loss 0.05, held-out exact match 27%).
+DEFAULT_TRAIN_SIZE = 20000
 DEFAULT_EVAL_SIZE = 200
 # The seeds of the bundled files (examples/make_data.py); the eval split is drawn from its own seed.
 TRAIN_SEED = 0
@@ -42,74 +46,45 @@ EVAL_SEED = 1
 _ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def _word(rng: random.Random, min_chars: int = 2, max_chars: int = 8) -> str:
+def _word(rng: random.Random, min_chars: int, max_chars: int) -> str:
     # Random letters rather than a word list: the space of prompts stays large, so the eval split
-    # can be disjoint from the training split without running out of copy/uppercase examples.
+    # can be disjoint from the training split and answers cannot be recalled, only computed.
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_chars, max_chars)))
 
 
 def _copy(rng: random.Random) -> tuple[str, str]:
-    word = _word(rng)
+    word = _word(rng, 1, 6)
     return f"copy: {word} =", f" {word}"
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    word = _word(rng)
+    word = _word(rng, 1, 6)
     return f"uppercase: {word} =", f" {word.upper()}"
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    # Mostly small numbers (learnable), sometimes three digits (longer prompts and answers).
-    top = 999 if rng.random() < 0.2 else 99
-    a, b = rng.randint(0, top), rng.randint(0, top)
-    return f"add: {a} + {b} =", f" {a + b}"
-
-
-def _subtract(rng: random.Random) -> tuple[str, str]:
-    top = 999 if rng.random() < 0.2 else 99
-    a, b = rng.randint(0, top), rng.randint(0, top)
-    return f"subtract: {a} - {b} =", f" {a - b}"
-
-
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    text = _word(rng, 3, 30)
-    return f"reverse: {text} =", f" {text[::-1]}"
+    word = _word(rng, 2, 5)
+    return f"reverse: {word} =", f" {word[::-1]}"
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    alphabet = string.digits if rng.random() < 0.3 else string.ascii_lowercase
-    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 30)))
-    return f"sort: {text} =", f" {''.join(sorted(text))}"
-
-
-def _count(rng: random.Random) -> tuple[str, str]:
-    # A small alphabet makes counts spread over 0..~15 instead of being almost always 0 or 1.
-    letter = rng.choice("abcde")
-    text = "".join(rng.choice("abcde") for _ in range(rng.randint(5, 70)))
-    return f"count '{letter}' in: {text} =", f" {text.count(letter)}"
+    word = _word(rng, 2, 4)
+    return f"sort: {word} =", f" {''.join(sorted(word))}"
 
 
 def _repeat(rng: random.Random) -> tuple[str, str]:
-    word, times = _word(rng, 2, 6), rng.randint(1, 8)
+    # The long answers (up to 19 characters) next to one-letter copies: the spread of target counts.
+    word, times = _word(rng, 2, 4), rng.randint(1, 4)
     return f"repeat {word} {times} times =", " " + " ".join([word] * times)
-
-
-def _last_word(rng: random.Random) -> tuple[str, str]:
-    words = [_word(rng, 2, 7) for _ in range(rng.randint(2, 14))]
-    return f"last word of: {' '.join(words)} =", f" {words[-1]}"
 
 
 # Name -> generator. The order is part of the data: changing it changes every bundled file.
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "copy": _copy,
     "uppercase": _uppercase,
-    "add": _add,
-    "subtract": _subtract,
     "reverse": _reverse,
     "sort": _sort,
-    "count": _count,
     "repeat": _repeat,
-    "last_word": _last_word,
 }
 
 

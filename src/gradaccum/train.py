@@ -212,7 +212,7 @@ def _schedule(config: TrainConfig, num_examples: int, batch_size: int) -> tuple[
     elif config.epochs is not None:
         total_steps = math.ceil(config.epochs * windows_per_epoch)
     else:
-        total_steps = 300 if config.model == "tiny" else windows_per_epoch
+        total_steps = 1200 if config.model == "tiny" else windows_per_epoch
 
     def default(value: int | None, fraction: int) -> int:
         return value if value is not None else max(1, total_steps // fraction)
@@ -363,7 +363,8 @@ def evaluate(run: Run) -> dict[str, float | None]:
         run.train_module.unshard()
     with run.autocast():
         result["eval_accuracy"] = exact_match_accuracy(distributed.unwrap(run.train_module).model, run.tokenizer,
-                                                       run.eval_records[:run.config.eval_examples], run.device)
+                                                       run.eval_records[:run.config.eval_examples], run.device,
+                                                       chat_template=run.config.chat_template)
     if run.fsdp:
         run.train_module.reshard()
     return result
@@ -408,6 +409,12 @@ def finish(run: Run, progress: Progress, t_start: float, keep_final_state: bool)
 
         plot_training(metrics, output / "loss.png", title=f"{config.model}: B={run.batch_size}, "
                       f"{run.micro_batch_size}x{run.accumulation_steps}x{run.world_size}, {config.accumulation}")
+    if run.is_main and not interrupted:  # samples of what it learned; the tiny preset also proves its first step
+        from .proof import end_of_run_lines
+
+        for line in end_of_run_lines(config, run.model, run.tokenizer, run.examples, run.eval_records,
+                                     run.batch_size, run.micro_batch_size, run.device, run.world_size):
+            log(line)
     seconds = time.perf_counter() - t_start
     if run.is_main and metrics:
         first = next((m["loss"] for m in metrics if not m["skipped"]), float("nan"))
