@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from gradaccum import tasks
-from helpers import one_thread  # noqa: F401  (tiny models: one thread on a shared machine)
 
 ROOT = Path(__file__).resolve().parent.parent
 
