@@ -157,8 +157,8 @@ def test_sample_lines_mark_right_and_wrong(tiny_and_examples, monkeypatch):
     model, tokenizer, _ = tiny_and_examples
     records = read_records(tasks.default_eval_path())
     # A model that answers every prompt with its solver's answer, except sort prompts.
-    monkeypatch.setattr(evaluate, "generate_answers", lambda m, t, prompts, *a, **k: [
-        " zzz" if p.startswith("sort") else " " + solve(p) + "\ncopy:" for p in prompts])
+    monkeypatch.setattr(evaluate, "_predict", lambda m, t, pairs, *a, **k: [
+        " zzz" if r["prompt"].startswith("sort") else " " + solve(r["prompt"]) + "\ncopy:" for r, _, _ in pairs])
     monkeypatch.setattr(evaluate, "_marks", lambda: ("ok", "x "))
     lines = evaluate.sample_lines(model, tokenizer, records, torch.device("cpu"))
     assert len(lines) == 6
