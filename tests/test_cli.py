@@ -218,3 +218,19 @@ def test_format_and_chat_template_flags_in_help(capsys, command):
     assert "--format FORMAT record format of --data/--eval-data: auto" in out
     assert "--chat-template, --no-chat-template" in out
     assert "a datasets folder (DIR[:SPLIT])" in out
+
+
+def test_version(capsys):
+    import gradaccum
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradaccum {gradaccum.__version__}"
+
+
+def test_on_off_flags_show_their_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: --no-packing)" in text and "(default: --progress)" in text

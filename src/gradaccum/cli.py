@@ -65,6 +65,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser; a command whose flags its own module defines gets them only when `chosen`."""
     parser = argparse.ArgumentParser(prog="gradaccum", description="Gradient accumulation that is exactly a big "
                                      "batch: fine-tune language models on small memory.")
+    from . import __version__  # the package's __init__ imports no torch
+
+    parser.add_argument("--version", action="version", version=f"gradaccum {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.description or command.help)
@@ -93,7 +96,9 @@ def _add_field(parser: Any, f: dataclasses.Field, kind: type) -> None:
     default = None if required else f.default
     text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
     if kind is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        shown = flag if default else "--no-" + flag[2:]  # on/off flags say which side is the default
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                            help=f"{text} (default: {shown})")
     else:
         parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), required=required,
                             help=text if default is None else f"{text} (default: {default})")
