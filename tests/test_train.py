@@ -52,7 +52,7 @@ def test_default_outputs(tmp_path):
     assert (out / "checkpoint-2" / "manifest.json").exists()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    for key in ("step", "loss", "num_targets", "grad_norm", "lr", "tokens_per_second", "peak_memory_bytes"):
+    for key in ("step", "loss", "num_targets", "grad_norm", "lr", "targets_per_second", "peak_memory_bytes"):
         assert lines[0][key] is not None, key
     assert lines[2]["eval_loss"] > 0 and 0 <= lines[2]["eval_accuracy"] <= 1
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -327,7 +327,7 @@ def train_window(run: Run, window: Window, progress: Progress) -> dict[str, Any]
     seconds = time.perf_counter() - t0
     return {"step": progress.step, "loss": stats.loss, "num_targets": stats.num_targets,
             "grad_norm": stats.grad_norm, "lr": stats.lr,
-            "tokens_per_second": stats.num_targets / seconds if seconds > 0 else None,
+            "targets_per_second": stats.num_targets / seconds if seconds > 0 else None,
             "peak_memory_bytes": peak_memory_bytes(run.device),
             "padding_fraction": padding_fraction(window.batches), "skipped": stats.skipped,
             "skip_reason": stats.skip_reason, "seconds": seconds}
@@ -376,7 +376,7 @@ def log_step(run: Run, progress: Progress, record: dict[str, Any], bar) -> None:
     if run.is_main:
         with open(run.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}",
+    bar.set_postfix(loss=f"{record['loss']:.4f}", targets_s=f"{record['targets_per_second'] or 0:.0f}",
                     **({"eval_acc": f"{record['eval_accuracy']:.2f}"}
                        if record.get("eval_accuracy") is not None else {}))
     bar.update(1)
