@@ -47,7 +47,8 @@ class RunConfig:
     max_grad_norm: float | None = _f(1.0, "clip the full accumulated gradient to this L2 norm once per step "
                                           "(0 disables)")
     seed: int = _f(0, "seed for initialisation and data order")
-    dtype: str = _f("float32", "float32 | bfloat16 (autocast, fp32 master weights) | float64", choices=DTYPES)
+    dtype: str = _f("float32", "float32 | bfloat16 (bf16 autocast over float32 master weights; final/ and "
+                               "checkpoints keep float32) | float64", choices=DTYPES)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     lora: bool = _f(False, "train LoRA adapters through peft instead of all weights")
     lora_r: int = _f(16, "LoRA rank")
