@@ -15,7 +15,8 @@ MAX_FUNCTION_LINES = 100
 # The core knows no job: it never imports these (DESIGN.md: cli -> jobs -> setup -> core).
 CORE = ("accumulate", "precision", "losses", "distributed", "data", "records", "models", "packing", "checkpoint",
         "async_save", "layer_checkpointing")
-JOBS = ("cli", "train", "saving", "audit", "check", "hf", "setup", "run_folder", "plots")
+JOBS = ("cli", "config_file", "train", "saving", "reporting", "audit", "check", "hf", "setup", "run_folder",
+        "plots")
 
 
 def _modules() -> dict[str, Path]:

@@ -18,6 +18,7 @@ from .records import FORMATS  # records.py imports no torch either
 DTYPES = ("float32", "bfloat16", "float64")  # `gradaccum train --dtype`
 AUDIT_DTYPES = ("float64", "float32")  # the audit measures rounding, so no bfloat16
 AGAINST = ("hf-trainer",)
+TRACKERS = ("tensorboard", "wandb")  # `gradaccum train --report-to`
 
 
 def _f(default: Any, help: str, **metadata: Any) -> Any:
@@ -129,6 +130,9 @@ class TrainConfig(RunConfig):
     overwrite: bool = _f(False, "reuse an --output folder that holds a different run")
     max_nonfinite: int = _f(5, "stop after this many windows in a row with a non-finite loss or gradient")
     save_final: bool = _f(True, "write final/ (the audit turns it off)")
+    report_to: str = _f("none", "also send every metrics.jsonl record, and the run config, to: none | tensorboard "
+                                "(event files in DIR/tensorboard/) | wandb (DIR/wandb/); a comma list for both, "
+                                "e.g. tensorboard,wandb")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +165,20 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.packing and self.normalize == "samples":
             raise ConfigError("--packing needs --normalize tokens: a packed row holds several sequences")
+        self.report_to = ",".join(trackers(self.report_to)) or "none"
+
+
+def trackers(report_to: str) -> tuple[str, ...]:
+    """--report-to as the trackers it names, in order, each once; () for none."""
+    names = [name.strip() for name in str(report_to).split(",")]
+    if names == ["none"]:
+        return ()
+    if "none" in names:
+        raise ConfigError(f"--report-to {report_to}: 'none' cannot be combined with a tracker")
+    if unknown := [name for name in names if name not in TRACKERS]:
+        raise ConfigError(f"--report-to: unknown value {unknown[0]!r} (choose none, {', '.join(TRACKERS)}, or a "
+                          f"comma list such as {','.join(TRACKERS)})")
+    return tuple(dict.fromkeys(names))
 
 
 # Fields that may change between a run and its --resume without changing what is trained:
@@ -169,7 +187,7 @@ class TrainConfig(RunConfig):
 RESUMABLE_CHANGES = {"micro_batch_size", "memory_budget", "accumulation_steps", "batch_size", "device", "fsdp",
                      "resume", "overwrite",
                      "output", "save_every", "keep_checkpoints", "progress", "eval_every", "eval_examples",
-                     "max_nonfinite", "chunked_loss", "save_final", "gradient_checkpointing"}
+                     "max_nonfinite", "chunked_loss", "save_final", "gradient_checkpointing", "report_to"}
 
 
 @dataclass(kw_only=True)

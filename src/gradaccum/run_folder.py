@@ -1,9 +1,10 @@
 """The output folder of a training run: when a run may write into it, and what --overwrite may delete.
 
 A folder that a run created holds a marker file, `.gradaccum-run`. `--overwrite` deletes only the
-names a run writes (metrics.jsonl, loss.png, run_config.json, the marker, final/, checkpoint-N/),
-and only in a folder that holds the marker: a folder gradaccum did not create is never emptied,
-whatever it holds (run_config.json alone proves nothing: any tool may write a file of that name).
+names a run writes (metrics.jsonl, loss.png, run_config.json, the marker, final/, checkpoint-N/, and
+the --report-to trackers' tensorboard/ and wandb/), and only in a folder that holds the marker: a
+folder gradaccum did not create is never emptied, whatever it holds (run_config.json alone proves
+nothing: any tool may write a file of that name).
 
 `check` only reads; `claim` is the first write, and `train` calls it once every other check
 (arguments, data, model, batch geometry, the checkpoint to resume) has passed, so a run that is
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .errors import ConfigError
+from .reporting import FOLDERS as TRACKER_FOLDERS
 
 MARKER = ".gradaccum-run"
 RUN_FILES = ("metrics.jsonl", "loss.png", "run_config.json", MARKER)
-_RUN_DIRS = re.compile(r"^(final|checkpoint-\d+|\.checkpoint-\d+\.tmp)$")
+_RUN_DIRS = re.compile(r"^(final|checkpoint-\d+|\.checkpoint-\d+\.tmp|%s)$" % "|".join(TRACKER_FOLDERS.values()))
 
 
 def resolve(config: TrainConfig) -> Path:
@@ -97,5 +99,5 @@ def claim(output: Path, config: TrainConfig) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / MARKER).write_text("A gradaccum training run writes here; --overwrite deletes only the files and "
                                  "folders a run writes (metrics.jsonl, loss.png, run_config.json, final/, "
-                                 "checkpoint-N/) and this marker.\n")
+                                 "checkpoint-N/, tensorboard/, wandb/) and this marker.\n")
     (output / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import checkpoint, distributed, run_folder
+from . import checkpoint, distributed, reporting, run_folder
 from .accumulate import Accumulator, Window
 from .config import TrainConfig
 from .data import Example, collate, global_windows, pack, padding_fraction, read_records, split_window, tokenize
@@ -103,7 +103,8 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
 
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not (run.is_main and config.progress),
                unit="step", dynamic_ncols=True)
-    with StopRequest() as stop, warnings.catch_warnings(), Checkpointing(run) as saves:
+    with StopRequest() as stop, warnings.catch_warnings(), Checkpointing(run) as saves, \
+            reporting.open_trackers(config, run.output, progress.step, run.is_main) as trackers:
         # The Accumulator warns about skipped windows; here they get one log line each instead.
         warnings.filterwarnings("ignore", message=r"window \d+")
         for window in run.acc.grouped_windows(micro_batches(run, progress.step)):
@@ -112,6 +113,7 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
                                                          or progress.step == run.total_steps):
                 record.update(evaluate(run))
             log_step(run, progress, record, bar)
+            trackers.log(record)  # --report-to: the same record, at its step
             progress.stopped_by = distributed.any_rank(stop.signal)  # every rank stops after the same window
             if progress.stopped_by is not None:
                 saves.save(progress.step, wait=True)
@@ -135,6 +137,7 @@ def set_up(config: TrainConfig) -> Run:
         log("--fsdp: a single process has nothing to shard; training without it")
     if fsdp and config.lora:
         raise ConfigError("--fsdp with --lora is not supported yet; use DDP (the default) for LoRA")
+    reporting.check(config.report_to)  # every rank: a tracker package that is missing fails them all
     # Nothing is written until every check has passed (`start`): a refused run leaves --output as
     # it found it, and --overwrite deletes nothing for a run that cannot start.
     output = run_folder.resolve(config)
