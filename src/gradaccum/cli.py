@@ -49,16 +49,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    settings = None
     try:
+        settings = _settle(args)
         return importlib.import_module(COMMANDS[args.command].module).main(args)
     except GradaccumError as exc:  # the user's mistake; anything else is our bug: a traceback
         if os.environ.get("GRADACCUM_DEBUG"):
             raise
-        print(f"gradaccum {args.command}: error: {exc}", file=sys.stderr)
+        message = settings.locate(exc) if settings is not None else exc  # a value from --config: where
+        print(f"gradaccum {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gradaccum {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments of a command line as its command gets them: defaults < --config FILE < flags."""
+    args = build_parser(chosen=next((arg for arg in argv if not arg.startswith("-")), None)).parse_args(argv)
+    if args.command is not None:
+        _settle(args)
+    return args
+
+
+def _settle(args: argparse.Namespace) -> Any:
+    """Fill in every field of a dataclass command: the flags given, over --config's values, over the
+    defaults (the parser leaves out the flags not given, so that a file can set them). Returns the
+    file's settings (config_file.SettingsFile), or None."""
+    command = COMMANDS[args.command]
+    subparser = vars(args).pop("_parser", None)
+    if command.config is None:
+        return None
+    from .config_file import resolve
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(command.config) if hasattr(args, f.name)}
+    others = {name: other.config for name, other in COMMANDS.items() if other.config and name != args.command}
+    values, settings = resolve(given, args.config, command.config, args.command, others,
+                               missing=lambda flags: subparser.error(f"the following arguments are required: "
+                                                                     f"{', '.join(flags)} (as flags or in --config "
+                                                                     "FILE)"))
+    for name, value in values.items():
+        setattr(args, name, value)
+    return settings
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
@@ -72,7 +104,12 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.description or command.help)
         if command.config is not None:
+            sub.add_argument("--config", metavar="FILE", default=None,
+                             help="settings from a YAML (.yaml/.yml) or JSON file, keys named as these flags "
+                                  "(max_length or max-length); flags given here override it; a run's "
+                                  "run_config.json trains that run again")
             add_dataclass_arguments(sub, command.config)
+            sub.set_defaults(_parser=sub)  # _settle reports a required flag that neither gives
         elif name == chosen:
             importlib.import_module(command.module).add_arguments(sub)
     return parser
@@ -80,7 +117,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per dataclass field, with the field's doc as help (booleans get --no-flag); a field
-    without a default is a required flag. Inherited fields (RunConfig's) are listed as their own group."""
+    without a default is a required flag. Inherited fields (RunConfig's) are listed as their own group.
+    A flag not given is left out of the namespace (argparse.SUPPRESS): `_settle` fills it in from
+    --config or the default, and checks the required ones."""
     hints = typing.get_type_hints(cls)
     bases = [base for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)]
     inherited = {f.name for f in dataclasses.fields(bases[0])} if bases else set()
@@ -97,11 +136,12 @@ def _add_field(parser: Any, f: dataclasses.Field, kind: type) -> None:
     text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
     if kind is bool:
         shown = flag if default else "--no-" + flag[2:]  # on/off flags say which side is the default
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                             help=f"{text} (default: {shown})")
     else:
-        parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), required=required,
-                            help=text if default is None else f"{text} (default: {default})")
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"{text} (required)" if required else text if default is None
+                            else f"{text} (default: {default})")
 
 
 def _base_type(annotation: Any) -> type:
