@@ -21,6 +21,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
+# Tokens per block of logits: the head holds DEFAULT_CHUNK_SIZE x vocab logits at a time (48 MiB in
+# float32 at SmolLM2's 49,152). 256 instead of 1024 cut a 2,048-token step's peak by ~140 MiB under
+# activation checkpointing at no measurable cost in time (benchmarks/results/long_head.md).
+DEFAULT_CHUNK_SIZE = 256
+
+
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = True):
     """Align logits with the labels they predict: position t predicts token t+1."""
     if shift_labels:
@@ -216,7 +222,7 @@ def linear_cross_entropy_sum(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """`sum_i weights_i * CE(hidden_i @ weight.T + bias, targets_i)` (weights default to 1): a scalar,
     without ever building the `[N, V]` logits or their gradient.
@@ -367,7 +373,7 @@ class CausalLMLoss(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, normalize: str = "tokens", ignore_index: int = -100,
-                 chunked: bool = True, chunk_size: int = 1024, kernel: str = "auto"):
+                 chunked: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, kernel: str = "auto"):
         super().__init__()
         if normalize not in ("tokens", "samples"):
             raise ValueError(f"normalize must be 'tokens' or 'samples', got {normalize!r}")

@@ -19,11 +19,11 @@ import contextlib
 import torch
 
 from .. import distributed as dist_utils
-from ..losses import _chunkable_parts, linear_cross_entropy_sum
+from ..losses import DEFAULT_CHUNK_SIZE, _chunkable_parts, linear_cross_entropy_sum
 from .objective import Objective, logits_of
 from .probe import _close, _probing, one_row
 
-CHUNK_SIZE = 1024  # tokens per block of logits (memory: CHUNK_SIZE x vocab in the float32/64 loss dtype)
+CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # tokens per block of logits (memory: CHUNK_SIZE x vocab in the loss dtype)
 
 
 def why_not_chunked(trainer, model: torch.nn.Module, objective: Objective) -> str | None:
