@@ -1,4 +1,4 @@
-"""How long training waits for a checkpoint: blocking `checkpoint.save` vs `async_save.AsyncSaver`.
+"""How long training waits for a checkpoint: blocking `checkpoint.save` vs `checkpoint.AsyncSaver`.
 
     python benchmarks/bench_checkpoint.py                    # tiny preset and SmolLM2-135M-size state
     python benchmarks/bench_checkpoint.py --presets tiny --rounds 5
@@ -78,13 +78,13 @@ def tiny_steps(num_steps: int) -> float:
 
 
 def bench(name: str, rounds: int) -> dict:
-    from gradaccum import async_save, checkpoint
+    from gradaccum import checkpoint
 
     model, optimizer = build(name)
     results = {"save": [], "stall": [], "write": [], "bytes": 0, "steps_alone": [], "steps_writing": [],
                "stall_reused": []}
     root = Path(tempfile.mkdtemp(prefix=f"bench_checkpoint_{name}_"))
-    reusing = async_save.AsyncSaver(root / "reused", keep=1, reuse_buffers=True)
+    reusing = checkpoint.AsyncSaver(root / "reused", keep=1, reuse_buffers=True)
     try:
         for round_index in range(rounds + 1):
             # Reused buffers: the first save allocates them, the timed ones copy into them.
@@ -97,7 +97,7 @@ def bench(name: str, rounds: int) -> dict:
             checkpoint.save(root / "sync", round_index + 1, model, training_state(optimizer), {"step": round_index},
                             keep=1)
             results["save"].append(time.perf_counter() - start)
-            with async_save.AsyncSaver(root / "async", keep=1) as saver:
+            with checkpoint.AsyncSaver(root / "async", keep=1) as saver:
                 results["stall"].append(saver.save(round_index + 1, model, training_state(optimizer),
                                                    {"step": round_index}))
                 results["bytes"] = saver.last_snapshot_bytes
@@ -106,7 +106,8 @@ def bench(name: str, rounds: int) -> dict:
             results["write"].append(saver.last_write_seconds)
             results["steps_alone"].append(tiny_steps(3))
             print(f"  [{name}] round {round_index}/{rounds}: save {results['save'][-1]:.2f} s, stall "
-                  f"{results['stall'][-1]:.3f} s ({results['stall_reused'][-1]:.3f} s reused), write {results['write'][-1]:.2f} s; 3 tiny steps "
+                  f"{results['stall'][-1]:.3f} s ({results['stall_reused'][-1]:.3f} s reused), write "
+                  f"{results['write'][-1]:.2f} s; 3 tiny steps "
                   f"{results['steps_alone'][-1]:.2f} s alone, {results['steps_writing'][-1]:.2f} s while writing "
                   f"({'write still running after them' if writing else 'write done before them'})", flush=True)
     finally:
@@ -116,7 +117,7 @@ def bench(name: str, rounds: int) -> dict:
 
 
 def report(results: dict, rounds: int) -> str:
-    lines = ["# Checkpoint saves: blocking vs background (async_save.AsyncSaver)", "",
+    lines = ["# Checkpoint saves: blocking vs background (checkpoint.AsyncSaver)", "",
              f"{machine_line()}. {rounds} rounds, interleaved; medians. 'stall' is what the training loop "
              "waits for: the snapshot (private CPU copies of weights + AdamW state + RNG). 'write' runs in "
              "a background thread: safetensors, optimizer.pt, sha256 manifest, fsync, atomic rename. "
@@ -130,7 +131,8 @@ def report(results: dict, rounds: int) -> str:
         alone, writing = median(r["steps_alone"]), median(r["steps_writing"])
         reused = median(r["stall_reused"])
         table.add(name, f"{r['bytes'] / MIB:.0f}", f"{save:.2f}", f"{stall:.3f}", f"**{stall / save:.3f}**",
-                  f"{reused:.3f}", f"**{reused / save:.3f}**", f"{write:.2f}", f"{alone:.2f}", f"{writing:.2f}", f"{writing / alone:.2f}x")
+                  f"{reused:.3f}", f"**{reused / save:.3f}**", f"{write:.2f}", f"{alone:.2f}", f"{writing:.2f}",
+                  f"{writing / alone:.2f}x")
     return "\n".join(lines + [table.markdown(), ""]) + "\n"
 
 

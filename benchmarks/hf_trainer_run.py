@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="TrainingArguments(gradient_checkpointing=True), transformers' defaults otherwise")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
 
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         disable_tqdm=True,
         seed=args.seed,
         remove_unused_columns=False,
+        # Only when asked: transformers 5 warns about the old name even for False.
+        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=lambda batch: collate(batch, tokenizer.pad_token_id))

@@ -9,6 +9,8 @@ Variants (comma-separated; each is a change proposed for train.py / accumulate.p
   mallopt     glibc: no mmap for large blocks and no trimming, so freed activation and gradient
               memory is reused instead of being returned to the kernel and faulted in again
   thp         THP_MEM_ALLOC_ENABLE=1: huge pages for torch's blocks >= 2 MiB (the CLI's default now)
+  checkpointing  activation checkpointing (models.enable_gradient_checkpointing on every loaded model),
+              what --gradient-checkpointing will do once train has the flag
 Anything after `--` is passed to `gradaccum` unchanged.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-VARIANTS = ("fused", "keep_grads", "mallopt", "thp")
+VARIANTS = ("fused", "keep_grads", "mallopt", "thp", "checkpointing")
 
 
 def apply(variants: set[str]) -> None:
@@ -49,6 +51,18 @@ def apply(variants: set[str]) -> None:
                 super().zero_grad(set_to_none=False if keep else set_to_none)
 
         torch.optim.AdamW = AdamW
+
+    if "checkpointing" in variants:
+        from gradaccum import models
+
+        finish = models._finish  # every loader ends here, before LoRA, DDP/FSDP2 and the loss module
+
+        def finish_checkpointed(model, tokenizer, dtype):
+            model, tokenizer = finish(model, tokenizer, dtype)
+            print(models.enable_gradient_checkpointing(model), flush=True)
+            return model, tokenizer
+
+        models._finish = finish_checkpointed
 
 
 def main() -> None:
