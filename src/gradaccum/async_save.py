@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointWriteError, Snapshot, _Copier, find_latest, snapshot, write
+from .checkpoint import CheckpointWriteError, FrozenBase, Snapshot, _Copier, find_latest, snapshot, write
 
 __all__ = ["AsyncSaver", "SaveCadence", "CheckpointWriteError"]
 
@@ -69,14 +69,17 @@ class AsyncSaver:
         return self._thread is not None and self._thread.is_alive()
 
     def save(self, step: int, model: torch.nn.Module | None, training_state: dict[str, Any], state: dict[str, Any],
-             model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False) -> float:
-        """Snapshot now, write `checkpoint-<step>/` in the background; returns the seconds training waited."""
+             model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False,
+             frozen: FrozenBase | None = None) -> float:
+        """Snapshot now, write `checkpoint-<step>/` in the background; returns the seconds training waited.
+        `frozen` (checkpoint.frozen_base): the frozen base is neither copied nor written."""
         start = time.perf_counter()
         self.wait()
         copied = time.perf_counter()
         if self._copier is None:
             self._copier = _Copier(self._reuse_buffers)
-        snap = snapshot(step, model, training_state, state, model_state, fresh=fresh, copier=self._copier)
+        snap = snapshot(step, model, training_state, state, model_state, fresh=fresh, copier=self._copier,
+                        frozen=frozen)
         self.last_snapshot_bytes = snap.num_bytes
         # Not a daemon: an interpreter that exits (an exception on the training thread) finishes the
         # write first, so a save that was started still lands as a complete checkpoint.
