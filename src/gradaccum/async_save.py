@@ -39,7 +39,7 @@ class AsyncSaver:
     raised as CheckpointWriteError by the next `save`, `wait` or `close`, on the calling thread.
 
     Memory: while a save is in flight its snapshot holds the weights and optimizer state once more in
-    CPU memory (`last_snapshot_bytes`); a run's peak includes it (memory.find_micro_batch_size's
+    CPU memory (`last_snapshot_bytes`; with `frozen`, only the trainable weights and buffers); a run's peak includes it (memory.find_micro_batch_size's
     `reserved_bytes`). `reuse_buffers` (default) keeps those buffers for the next save, which then
     copies into memory it already owns instead of page-faulting fresh memory (SmolLM2-135M's 1.6 GB
     on a loaded 2-core CPU: ~1.1 s instead of 2-10 s; for accelerator state they are pinned host
