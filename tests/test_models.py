@@ -151,14 +151,16 @@ def test_saved_directory_loads_back(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = small_llama(seed=3)
-    assert save_final(model, tokenizer, tmp_path / "final") == "full model"
+    said = save_final(model, tokenizer, tmp_path / "final")
+    assert said == "full model; its tokenizer puts <|bos|> first, as training did"
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
     loaded, loaded_tokenizer = load_model(str(tmp_path / "final"))
     assert loaded.training and loaded.config._attn_implementation == "sdpa"
     batch = sample_batch(tokenizer)
     assert torch.equal(logits(loaded, batch), logits(model, batch))
-    assert loaded_tokenizer.encode("abc<|eos|>") == tokenizer.encode("abc<|eos|>")
+    # BOS first, as data.tokenize trains every text (the byte tokenizer itself adds nothing)
+    assert loaded_tokenizer.encode("abc<|eos|>") == [tokenizer.bos_token_id, *tokenizer.encode("abc<|eos|>")]
     # plain transformers reads it too, and the dtype argument is honoured
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "final"), type(model))
     as_bf16, _ = load_model(str(tmp_path / "final"), dtype=torch.bfloat16)
@@ -372,17 +374,18 @@ def test_save_final_merges_lora_into_a_plain_model(tmp_path):
     batch = sample_batch(tokenizer)
     expected = logits(lora, batch)
 
-    assert save_final(lora, tokenizer, tmp_path / "merged") == "merged LoRA weights into the full model"
+    assert save_final(lora, tokenizer, tmp_path / "merged").startswith("merged LoRA weights into the full model;")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert torch.allclose(logits(merged, batch), expected, atol=1e-5)
     assert not torch.allclose(logits(merged, batch), logits(small_llama(seed=5)[0], batch), atol=1e-3)
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").encode("ok") == tokenizer.encode("ok")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").encode("ok") == [tokenizer.bos_token_id,
+                                                                               *tokenizer.encode("ok")]
 
     # saving merged a copy: the caller's peft model still has its adapters and still computes the same
     assert isinstance(lora, PeftModel) and torch.equal(logits(lora, batch), expected)
 
-    assert save_final(lora, tokenizer, tmp_path / "adapter", merge_lora=False) == "LoRA adapter only"
+    assert save_final(lora, tokenizer, tmp_path / "adapter", merge_lora=False).startswith("LoRA adapter only;")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
 
@@ -427,3 +430,57 @@ def test_smollm2_loads_and_answers():
     loss = model(**batch, labels=batch["input_ids"]).loss
     assert 0 < loss.item() < 6  # a pretrained model, far below log(49152) = 10.8
     loss.backward()
+
+
+def test_the_saved_tokenizer_puts_bos_before_what_it_gave_before(tmp_path):
+    """A tokenizer whose post-processor appends EOS keeps that EOS (transformers' add_bos_token switch alone
+    would drop it) and gets BOS before it all; saved and reloaded, it holds."""
+    import toy_tokenizers
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from gradaccum.models import tokenizer_as_trained
+
+    backend = Tokenizer.from_str(toy_tokenizers.toy_tokenizer("byte_level", template=None).backend_tokenizer.to_str())
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A:0 </s>:0", special_tokens=[("</s>", tokenizer.eos_token_id)])
+    before = tokenizer("reverse: abc").input_ids
+    assert before[-1] == tokenizer.eos_token_id and before[0] != tokenizer.bos_token_id
+    adding = tokenizer_as_trained(tokenizer)
+    assert adding("reverse: abc").input_ids == [tokenizer.bos_token_id, *before]
+    assert tokenizer("reverse: abc").input_ids == before  # the run's own tokenizer is left as it was
+    model = tiny_llama_for(tokenizer)
+    assert "puts <s> first" in save_final(model, tokenizer, tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("reverse: abc").input_ids == [tokenizer.bos_token_id, *before]
+    assert tokenizer_as_trained(adding) is adding  # already puts BOS first: kept as it is
+
+
+def tiny_llama_for(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("post_processor", ["none", "byte_level"])
+def test_without_the_add_bos_token_switch_the_post_processor_gets_the_bos(monkeypatch, post_processor):
+    """transformers before 5 has no add_bos_token on most fast tokenizers: BOS goes into the post-processor."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from gradaccum.models import tokenizer_as_trained
+
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True) \
+        if post_processor == "byte_level" else None
+    before = tokenizer("reverse: abc").input_ids
+    for cls in type(tokenizer).__mro__:
+        if "add_bos_token" in vars(cls):
+            monkeypatch.delattr(cls, "add_bos_token")
+    assert not hasattr(PreTrainedTokenizerFast, "add_bos_token")
+    adding = tokenizer_as_trained(tokenizer)
+    assert adding("reverse: abc").input_ids == [tokenizer.bos_token_id, *before]

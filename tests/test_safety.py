@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import gradaccum.train as train_module
+from gradaccum import checkpoint
 from gradaccum.cli import main
 from gradaccum.config import TrainConfig
 from gradaccum.train import train
@@ -147,6 +148,41 @@ def test_a_run_that_fails_its_checks_writes_nothing(tmp_path, capsys):
         assert not out.exists()
     code, err = _cli(tmp_path, capsys, "--output", str(out))  # the corrected rerun needs no --overwrite
     assert code == 0, err
+
+
+def _tree(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("late", ["last_row", "eval_data", "resume_unloadable", "resume_nothing"])
+def test_an_error_found_late_in_the_checks_writes_nothing(tmp_path, capsys, late):
+    """Errors found after the model is loaded and the training data read (the last row of the data, the eval
+    data, a checkpoint that verifies but does not load) still come before the first write."""
+    write_pairs(tmp_path / "data.jsonl")
+    out, args, data = tmp_path / "out", [], None
+    if late == "last_row":
+        data = tmp_path / "late.jsonl"
+        data.write_text((tmp_path / "data.jsonl").read_text() + '{"prompt": "a", "completion": 3}\n')
+    elif late == "eval_data":
+        (tmp_path / "eval.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+        args = ["--eval-data", str(tmp_path / "eval.jsonl"), "--eval-every", "1"]
+    elif late == "resume_unloadable":
+        assert _cli(tmp_path, capsys, "--output", str(out), "--max-steps", "2", "--save-every", "1")[0] == 0
+        damaged = out / "checkpoint-1"
+        (damaged / "optimizer.pt").write_bytes(b"garbage")
+        manifest = json.loads((damaged / "manifest.json").read_text())
+        manifest["files"]["optimizer.pt"] = checkpoint._sha256(damaged / "optimizer.pt")
+        (damaged / "manifest.json").write_text(json.dumps(manifest))
+        args = ["--max-steps", "2", "--save-every", "1", "--resume"]
+    else:
+        args = ["--resume"]
+    before = _tree(out) if out.exists() else None
+    code, err = _cli(tmp_path, capsys, "--output", str(out), *args, data=data)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    expected = {"last_row": "late.jsonl:25", "eval_data": "eval.jsonl:2", "resume_unloadable": "could be loaded",
+                "resume_nothing": "no checkpoint"}[late]
+    assert expected in err, err
+    assert (_tree(out) if out.exists() else None) == before
 
 
 # ---- item 8: a step that makes the weights non-finite -------------------------------------------

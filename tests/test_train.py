@@ -177,3 +177,50 @@ def test_final_state_in_memory_without_writing_final(tmp_path):
     assert sorted(result.final_state) == sorted(saved)
     assert all(torch.equal(result.final_state[k], saved[k]) for k in saved)
     assert train(TrainConfig(**{**kwargs, "output": str(tmp_path / "plain")})).final_state is None
+
+
+def _model_dir_with(tokenizer, directory):
+    """A tiny random-init Llama sized for `tokenizer`, saved with it as a local --model DIR."""
+    from transformers import LlamaForCausalLM
+
+    from gradaccum.models import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "byte_level", "metaspace_first", "legacy"])
+def test_the_saved_tokenizer_adds_bos_as_training_did(tmp_path, kind):
+    """Training puts BOS before every text; none of these tokenizers adds it by itself. final/'s tokenizer
+    must, so that `tokenizer(text)` gives the ids the model was trained on (less the closing EOS)."""
+    from transformers import AutoTokenizer
+
+    from gradaccum.data import tokenize
+    from gradaccum.models import load_model
+
+    texts = ["the quick brown fox = jumps", "reverse: abc = cba", " add: 97 + 8 = 105"]
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+    if kind == "tiny":
+        model = "tiny"
+    else:
+        import toy_tokenizers
+
+        model = _model_dir_with(toy_tokenizers.toy_tokenizer(kind, template=None), tmp_path / "model")
+    result = run(tmp_path, "run", model=model, dtype="float32", max_steps=1, batch_size=2, micro_batch_size=2)
+    trained_with = load_model(model)[1]
+    assert trained_with(texts[0]).input_ids[:1] != [trained_with.bos_token_id]  # BOS is ours to add
+    reloaded = AutoTokenizer.from_pretrained(result.output / "final")
+    examples, _ = tokenize([{"text": text} for text in texts], trained_with, max_length=512)
+    for text, example in zip(texts, examples):
+        assert example.input_ids[0] == trained_with.bos_token_id and example.input_ids[-1] == trained_with.eos_token_id
+        assert reloaded(text).input_ids == example.input_ids[:-1], text
+    # A chat template's ids are unchanged: apply_chat_template does not add special tokens.
+    if kind == "tiny":
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+        assert reloaded.apply_chat_template(messages) == trained_with.apply_chat_template(messages)

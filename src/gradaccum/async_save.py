@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointWriteError, Snapshot, _Copier, find_latest, snapshot, write
+from .checkpoint import CheckpointWriteError, FrozenBase, Snapshot, _Copier, find_latest, snapshot, write
 
 __all__ = ["AsyncSaver", "SaveCadence", "CheckpointWriteError"]
 
@@ -39,7 +39,7 @@ class AsyncSaver:
     raised as CheckpointWriteError by the next `save`, `wait` or `close`, on the calling thread.
 
     Memory: while a save is in flight its snapshot holds the weights and optimizer state once more in
-    CPU memory (`last_snapshot_bytes`); a run's peak includes it (memory.find_micro_batch_size's
+    CPU memory (`last_snapshot_bytes`; with `frozen`, only the trainable weights and buffers); a run's peak includes it (memory.find_micro_batch_size's
     `reserved_bytes`). `reuse_buffers` (default) keeps those buffers for the next save, which then
     copies into memory it already owns instead of page-faulting fresh memory (SmolLM2-135M's 1.6 GB
     on a loaded 2-core CPU: ~1.1 s instead of 2-10 s; for accelerator state they are pinned host
@@ -69,14 +69,17 @@ class AsyncSaver:
         return self._thread is not None and self._thread.is_alive()
 
     def save(self, step: int, model: torch.nn.Module | None, training_state: dict[str, Any], state: dict[str, Any],
-             model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False) -> float:
-        """Snapshot now, write `checkpoint-<step>/` in the background; returns the seconds training waited."""
+             model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False,
+             frozen: FrozenBase | None = None) -> float:
+        """Snapshot now, write `checkpoint-<step>/` in the background; returns the seconds training waited.
+        `frozen` (checkpoint.frozen_base): the frozen base is neither copied nor written."""
         start = time.perf_counter()
         self.wait()
         copied = time.perf_counter()
         if self._copier is None:
             self._copier = _Copier(self._reuse_buffers)
-        snap = snapshot(step, model, training_state, state, model_state, fresh=fresh, copier=self._copier)
+        snap = snapshot(step, model, training_state, state, model_state, fresh=fresh, copier=self._copier,
+                        frozen=frozen)
         self.last_snapshot_bytes = snap.num_bytes
         # Not a daemon: an interpreter that exits (an exception on the training thread) finishes the
         # write first, so a save that was started still lands as a complete checkpoint.

@@ -1,7 +1,8 @@
 """Atomic, verifiable checkpoints and exact resume.
 
 A checkpoint is a folder `checkpoint-<step>/` holding:
-    model.safetensors   the model's state dict (tied weights handled by safetensors)
+    model.safetensors   the model's state dict (tied weights handled by safetensors); with `frozen`
+                        (LoRA) every entry but the frozen parameters: the adapters and the buffers
     optimizer.pt        optimizer + scheduler + accumulator state, tensors only
                         (read back with torch.load(weights_only=True): no pickle code runs)
     rng.safetensors     CPU (and CUDA) generator states
@@ -13,6 +14,12 @@ place, so a kill at any moment leaves either the previous checkpoint or the new 
 never half of one. `find_latest` verifies checksums and falls back to an older
 checkpoint when the newest is damaged; `load_latest` also falls back when a checkpoint
 verifies but does not load (a file that was already bad when it was signed).
+
+A model whose base is frozen (LoRA) is checkpointed without it: nothing in training writes a
+parameter the optimizer does not hold, so the base is rebuilt the way the run built it and the
+checkpoint's tensors are loaded on top. Buffers are kept (they are small, and some change in training:
+BatchNorm's running statistics). state.json records a sha256 of the frozen tensors (`FrozenBase`), and
+loading onto a base with another fingerprint is refused instead of making a different model.
 
 Saving without stalling training: `snapshot` takes private CPU copies of everything a checkpoint holds
 and `write` writes one; async_save.AsyncSaver runs the write in a background thread.
@@ -108,6 +115,56 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+@dataclass(frozen=True)
+class FrozenBase:
+    """The frozen parameters that checkpoints leave out, and a fingerprint of their values."""
+
+    names: frozenset[str]  # state-dict names, tied aliases included
+    sha256: str  # over the sorted names, dtypes, shapes and bytes
+    num_bytes: int
+
+    def record(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "num_tensors": len(self.names), "num_bytes": self.num_bytes}
+
+
+def frozen_base(model: torch.nn.Module) -> FrozenBase | None:
+    """The model's frozen parameters (requires_grad False) and their fingerprint; None when all train.
+
+    Reads every frozen byte once (a copy to the CPU, one tensor at a time): call it once per run.
+    """
+    named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    if not named:
+        return None
+    digest, first_name, num_bytes = hashlib.sha256(), {}, 0
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: each rank would fingerprint another part
+            raise ValueError("frozen_base: sharded (DTensor) parameters are not supported")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        owner = first_name.setdefault((tensor.device, tensor.data_ptr(), tuple(tensor.shape)), name)
+        if owner != name:  # a tie: its bytes are hashed once, under the first name
+            digest.update(f"={owner}|".encode())
+            continue
+        data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(data.numpy()))
+        num_bytes += data.numel()
+    return FrozenBase(frozenset(name for name, _ in named), digest.hexdigest(), num_bytes)
+
+
+def frozen_base_mismatch(recorded: Any, frozen: FrozenBase | None) -> str | None:
+    """Why a checkpoint recorded with `recorded` (state.json's 'frozen_base') cannot load onto a model
+    whose frozen base is `frozen`; None when it can."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        return "has an unreadable 'frozen_base' in state.json"
+    if frozen is None:
+        return ("holds only the trained parameters of a model with a frozen base (LoRA), and the model built now "
+                "has no frozen parameters")
+    if frozen.sha256 != recorded["sha256"]:
+        return (f"holds only the trained parameters (LoRA), saved over a frozen base with sha256 "
+                f"{recorded['sha256'][:12]}..., and the frozen base built now has {frozen.sha256[:12]}...")
+    return None
+
+
 @dataclass
 class Snapshot:
     """Everything a checkpoint holds, as private CPU copies that training can no longer change."""
@@ -197,20 +254,25 @@ def _tensor_bytes(value: Any) -> int:
 
 def snapshot(step: int, model: torch.nn.Module | None, training_state: dict[str, Any], state: dict[str, Any],
              model_state: dict[str, torch.Tensor] | None = None, *, fresh: bool = False,
-             copier: _Copier | None = None) -> Snapshot:
+             copier: _Copier | None = None, frozen: FrozenBase | None = None) -> Snapshot:
     """Copy what `checkpoint-<step>/` will hold, now: weights, training state, RNG states.
 
     `fresh=True`: the tensors of `model_state` and `training_state` are already private copies that
     nothing will change (e.g. full state dicts gathered from FSDP2 shards onto the CPU); they are kept
-    as they are, without another copy.
+    as they are, without another copy. `frozen` (from `frozen_base`): leave those parameters out (they
+    are neither copied nor written) and record their fingerprint in state.json.
     """
     rng = rng_state()  # the generators as they are between these steps, not when the writer gets to them
     from_model = model_state is None
     tensors = model.state_dict() if from_model else model_state
+    state = copy.deepcopy(state)
+    if frozen is not None:
+        tensors = {name: tensor for name, tensor in tensors.items() if name not in frozen.names}
+        state["frozen_base"] = frozen.record()
     copier = None if fresh else copier or _Copier(reuse=False)
     seen: dict = {}
     snap = Snapshot(step, _copy_tree(dict(tensors), copier, "model", seen), from_model,
-                    _copy_tree(training_state, copier, "training", seen), copy.deepcopy(state), rng)
+                    _copy_tree(training_state, copier, "training", seen), state, rng)
     if copier is not None:
         copier.finish()
     return snap
@@ -224,15 +286,19 @@ def save(
     state: dict[str, Any],
     keep: int | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
+    *,
+    frozen: FrozenBase | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` atomically and prune to the newest `keep` checkpoints (blocking).
 
     `training_state` holds tensors and plain values (optimizer, scheduler, accumulator
     state dicts); `state` is JSON (step, data position, config). `model_state`, when
     given, is saved instead of `model` (e.g. a full state dict gathered from FSDP shards).
+    `frozen`: leave the frozen base out (see `snapshot`).
     """
     # Written straight from the live tensors: nothing runs while this writes, so no copy is needed.
-    return write(output_dir, snapshot(step, model, training_state, state, model_state, fresh=True), keep)
+    return write(output_dir, snapshot(step, model, training_state, state, model_state, fresh=True, frozen=frozen),
+                 keep)
 
 
 def _write_delay() -> None:
@@ -384,13 +450,25 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-def load(path: str | Path, model: torch.nn.Module | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into `model` (when given) and RNG; return (training_state, state)."""
+def load(path: str | Path, model: torch.nn.Module | None = None,
+         frozen: FrozenBase | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into `model` (when given) and RNG; return (training_state, state).
+
+    A checkpoint without its frozen base loads only onto a model whose frozen base has the recorded
+    fingerprint (`frozen`: `frozen_base(model)`, computed here when not given).
+    """
     path = Path(path)
     verify(path)
     state = read_state(path)
     if model is not None:
+        left_out: frozenset[str] = frozenset()
+        if "frozen_base" in state:
+            frozen = frozen or frozen_base(model)
+            if (reason := frozen_base_mismatch(state["frozen_base"], frozen)) is not None:
+                raise CheckpointError(f"{path}: {reason}")
+            left_out = frozen.names
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        missing = set(missing) - left_out
         if missing or unexpected:
             raise CheckpointError(f"{path}: model does not match the checkpoint "
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -33,6 +33,7 @@ __all__ = [
     "load_model",
     "apply_lora",
     "save_final",
+    "tokenizer_as_trained",
     "final_state_dict",
     "count_parameters",
     "enable_gradient_checkpointing",
@@ -339,11 +340,64 @@ def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge
     else:
         model.save_pretrained(out_dir, state_dict=None if state_dict is None else _share_tied(model, state_dict))
         what = "full model"
-    tokenizer.save_pretrained(out_dir)
+    as_trained = tokenizer_as_trained(tokenizer)
+    as_trained.save_pretrained(out_dir)
     from .checkpoint import normal_permissions
 
     normal_permissions(out_dir.glob("*.safetensors"))  # safetensors writes them 0600
+    if not _puts_bos_first(tokenizer):
+        from transformers import AutoTokenizer
+
+        # Proven on the files, as a user loads them (a tokenizer class may rebuild its post-processor).
+        if _probe_ids(AutoTokenizer.from_pretrained(out_dir)) == [tokenizer.bos_token_id, *_probe_ids(tokenizer)]:
+            what += f"; its tokenizer puts {tokenizer.bos_token} first, as training did"
+        else:
+            what += (f"; NOTE: its tokenizer does not put {tokenizer.bos_token} (id {tokenizer.bos_token_id}) first, "
+                     "and training did: prepend it to text you encode")
     return what
+
+
+def _probe_ids(tokenizer) -> list[int]:
+    return list(tokenizer("Hello world")["input_ids"])
+
+
+def _puts_bos_first(tokenizer) -> bool:
+    """Whether `tokenizer(text)` starts with BOS, or there is none (data.tokenize then adds none either)."""
+    return tokenizer.bos_token_id is None or _probe_ids(tokenizer)[:1] == [tokenizer.bos_token_id]
+
+
+def tokenizer_as_trained(tokenizer):
+    """`tokenizer`, or a copy whose `tokenizer(text)` is BOS followed by what it gave before, as the training
+    data was: data.tokenize writes BOS before every text and raw prompt/completion pair when the tokenizer has
+    one, and most byte-level tokenizers (the `tiny` preset's too) do not add it themselves. Only the
+    post-processor changes; `apply_chat_template` adds no special tokens, so chat ids stay as they were.
+    The original comes back when neither way works (a slow tokenizer without `add_bos_token`)."""
+    if _puts_bos_first(tokenizer):
+        return tokenizer
+    expected = [tokenizer.bos_token_id, *_probe_ids(tokenizer)]
+    prop = getattr(type(tokenizer), "add_bos_token", None)
+    if isinstance(prop, property) and prop.fset is not None:
+        adding = copy.deepcopy(tokenizer)
+        # transformers' own switches: they rebuild the post-processor, which is saved with the tokenizer.
+        # An EOS that the old post-processor appended must stay (add_bos_token alone would drop it).
+        if expected[-1:] == [tokenizer.eos_token_id] and hasattr(type(tokenizer), "add_eos_token"):
+            adding.add_eos_token = True
+        adding.add_bos_token = True
+        if _probe_ids(adding) == expected:
+            return adding
+    if getattr(tokenizer, "is_fast", False):
+        from tokenizers import processors
+
+        adding = copy.deepcopy(tokenizer)
+        bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+        prepend = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                special_tokens=[(bos, bos_id)])
+        existing = adding.backend_tokenizer.post_processor  # e.g. ByteLevel's offset trimming: kept
+        adding.backend_tokenizer.post_processor = prepend if existing is None else \
+            processors.Sequence([existing, prepend])
+        if _probe_ids(adding) == expected:
+            return adding
+    return tokenizer
 
 
 def final_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:

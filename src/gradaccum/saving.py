@@ -12,24 +12,41 @@ line naming the checkpoint that is intact (CheckpointWriteError, a TrainingError
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
 from .async_save import AsyncSaver, SaveCadence
 from .checkpoint import CheckpointWriteError
+from .errors import ConfigError
 
 DEFAULT_SAVE_SECONDS = 1800.0  # --save-every's default: every 30 minutes of wall time
 MAX_SAVE_OVERHEAD = 0.05  # ... skipped while waiting for saves would exceed 5% of the run
 
 
 def snapshot_bytes(model: torch.nn.Module) -> int:
-    """CPU memory a save's snapshot holds beside the run: the weights and AdamW's two moments, once more
-    (for memory.find_micro_batch_size's reserved_bytes)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    """CPU memory a save's snapshot holds beside the run: the weights it stores (all but a frozen base)
+    and AdamW's two moments, once more (for memory.find_micro_batch_size's reserved_bytes)."""
+    frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+    stored = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()
+              if t.data_ptr() not in frozen}
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return sum(storages.values()) + 2 * trainable
+    return sum(stored.values()) + 2 * trainable
+
+
+def resumable_base(resumed: dict[str, Any], model: torch.nn.Module, output: Path,
+                   model_spec: str) -> checkpoint.FrozenBase | None:
+    """At --resume: the frozen base's fingerprint when the checkpoint to resume left the base out (LoRA),
+    refusing a base that is not the one it was trained on (the checkpoint cannot rebuild it, only tell it apart)."""
+    if "frozen_base" not in resumed:
+        return None
+    frozen = checkpoint.frozen_base(model)
+    if (reason := checkpoint.frozen_base_mismatch(resumed["frozen_base"], frozen)) is not None:
+        raise ConfigError(f"--resume: {output}/checkpoint-{resumed['step']} {reason}; resume with the --model "
+                          f"{model_spec} files, --seed, --dtype and --lora settings of the run that wrote it")
+    return frozen
 
 
 class Checkpointing:
@@ -43,6 +60,7 @@ class Checkpointing:
                                    every_seconds=DEFAULT_SAVE_SECONDS if every_steps is None else None,
                                    max_overhead=MAX_SAVE_OVERHEAD)
         self.saver = AsyncSaver(run.output, keep=run.config.keep_checkpoints) if run.is_main else None
+        self._frozen_known = False
 
     def due(self, step: int) -> bool:
         due = self.cadence.due(step, self.run.total_steps)
@@ -65,11 +83,22 @@ class Checkpointing:
                  "seed": run.config.seed, "fsdp": run.fsdp, "world_size": run.world_size,
                  "config": run.config.to_dict()}
         if self.saver is not None:
-            self.saver.save(step, run.model, training_state, state, model_state)
+            self.saver.save(step, run.model, training_state, state, model_state, frozen=self._frozen_base())
             if wait:
                 self.saver.wait()
         distributed.barrier()
         self.cadence.saved(time.perf_counter() - start)
+
+    def _frozen_base(self) -> checkpoint.FrozenBase | None:
+        """The frozen base that checkpoints leave out (LoRA's), fingerprinted at the first save: nothing in
+        training writes a parameter the optimizer does not hold, so it is the base the run was built with."""
+        run = self.run
+        if run.fsdp:  # full state dicts of every parameter (FSDP2 refuses --lora)
+            return None
+        if run.frozen_base is None and not self._frozen_known:
+            run.frozen_base = checkpoint.frozen_base(run.model)
+        self._frozen_known = True
+        return run.frozen_base
 
     def close(self) -> None:
         """Wait for the write in flight; CheckpointWriteError if it failed."""

@@ -36,7 +36,7 @@ from .losses import CausalLMLoss, count_target_sequences, count_targets
 from .memory import peak_memory_bytes
 from .models import final_state_dict, own_memory, save_final
 from .packing import packing_unsupported_reason
-from .saving import Checkpointing, snapshot_bytes
+from .saving import Checkpointing, resumable_base, snapshot_bytes
 from .setup import (autocast_for, build_model, default_lr, optimizer_and_schedule, resolve_batch, resolve_device,
                     pairs_note, training_data_path, training_examples)
 
@@ -82,6 +82,8 @@ class Run:
     windows_per_epoch: int
     total_steps: int
     eval_every: int
+    # The frozen parameters (LoRA's base) that checkpoints leave out, once known (saving.Checkpointing).
+    frozen_base: checkpoint.FrozenBase | None = None
 
 
 @dataclass
@@ -150,6 +152,7 @@ def set_up(config: TrainConfig) -> Run:
                           "resume them the same way")
 
     model, tokenizer = build_model(config, device, log)
+    frozen = resumable_base(resumed, model, output, config.model) if resumed is not None else None
     if config.packing and (reason := packing_unsupported_reason(model)):
         raise ConfigError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
@@ -186,7 +189,7 @@ def set_up(config: TrainConfig) -> Run:
                examples=examples, lengths=[len(example.input_ids) for example in examples],
                eval_examples=eval_examples, eval_records=eval_records, micro_batch_size=micro_batch_size,
                accumulation_steps=accumulation_steps, batch_size=batch_size, windows_per_epoch=windows_per_epoch,
-               total_steps=total_steps, eval_every=eval_every)
+               total_steps=total_steps, eval_every=eval_every, frozen_base=frozen)
 
 
 def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], list[dict]]:
@@ -262,7 +265,7 @@ def resume(run: Run) -> int:
     """Load the newest checkpoint that loads (older ones after any failure); return its step."""
     def restore(path: Path) -> int:
         # Everything, every time: a failed attempt on a newer checkpoint may have loaded part of it.
-        training_state, state = checkpoint.load(path, None if run.fsdp else run.model)
+        training_state, state = checkpoint.load(path, None if run.fsdp else run.model, run.frozen_base)
         if state.get("batch_size") != run.batch_size:
             raise CheckpointError(f"{path}: trained with batch {state.get('batch_size')}, not {run.batch_size}")
         if run.fsdp:  # full state dicts, sharded back over the ranks
