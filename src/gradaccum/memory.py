@@ -263,7 +263,7 @@ def search_micro_batch_size(candidates: Sequence[int], probe: Callable[[int], in
         need = "runs out of memory" if peak is None else f"needs about {format_size(peak)}"
         raise ConfigError(f"--micro-batch-size auto: even a micro-batch of {candidates[0]} {need}, more than the "
                          f"{format_size(limit_bytes)} the memory budget allows; raise --memory-budget, "
-                         f"lower --max-length, or use --lora")
+                         f"lower --max-length, use --lora, or --gradient-checkpointing (if it is off)")
     best = 0  # index of the largest candidate known to fit
     if len(candidates) > 1 and measure(candidates[1]):
         best = 1
