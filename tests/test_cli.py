@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -107,6 +108,41 @@ def test_cli_asks_for_huge_pages_before_torch_loads(preset, expected):
         env["THP_MEM_ALLOC_ENABLE"] = preset
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (expected if sys.platform.startswith("linux") else (preset or "None"))
+
+
+FREED_BLOCK_PROBE = """
+import ctypes, sys
+import gradaccum.cli as cli
+if sys.argv[1] == "fixed":
+    assert cli._return_large_blocks_to_the_kernel()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1])
+def touched(num_bytes):
+    block = libc.malloc(num_bytes)
+    ctypes.memset(block, 1, num_bytes)
+    return block
+libc.free(touched(16 << 20))  # a large block freed: glibc's dynamic threshold would now rise to 16 MiB
+before = rss_kib()
+libc.free(touched(8 << 20))
+print(rss_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_cli_returns_freed_large_blocks_to_the_kernel():
+    """An 8 MiB block freed after a 16 MiB one stays resident under glibc's dynamic threshold (so the
+    first backward's transients pinned ~760 MiB under AdamW's state); with the CLI's fixed
+    threshold it is unmapped on free."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    kept = {mode: int(subprocess.run([sys.executable, "-c", FREED_BLOCK_PROBE, mode], env=env, capture_output=True,
+                                     text=True, check=True).stdout) for mode in ("glibc default", "fixed")}
+    assert kept["glibc default"] >= 7 * 1024, kept  # the control: the block stayed resident
+    assert kept["fixed"] < 1024, kept
 
 
 def test_lone_surrogate_in_audit_data_is_one_line(tmp_path, capsys):
