@@ -153,7 +153,7 @@ def set_up(config: TrainConfig) -> Run:
                           "resume them the same way")
 
     model, tokenizer = build_model(config, device, log)
-    frozen = resumable_base(resumed, model, output, config.model) if resumed is not None else None
+    frozen = resumable_base(resumed, model, output, config) if resumed is not None else None
     if config.packing and (reason := packing_unsupported_reason(model)):
         raise ConfigError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
@@ -272,6 +272,7 @@ def resume(run: Run) -> int:
         if state.get("batch_size") != run.batch_size:
             raise CheckpointError(f"{path}: trained with batch {state.get('batch_size')}, not {run.batch_size}")
         if run.fsdp:  # full state dicts, sharded back over the ranks
+            checkpoint.check_shapes(path, run.model)
             distributed.load_full_state_dicts(run.model, run.optimizer, checkpoint.load_weights(path),
                                               training_state["optimizer"])
         else:
