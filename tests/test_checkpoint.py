@@ -155,6 +155,21 @@ def test_any_failure_to_load_falls_back_to_the_previous_checkpoint(tmp_path, dam
     assert checkpoint.load_latest(tmp_path / "nothing", lambda path: None, warn=warnings.append) is None
 
 
+def test_a_checkpoint_of_other_shapes_is_a_mismatch_not_damage(tmp_path):
+    """A tensor of another shape than the model's is another model, not a damaged file: falling back to an
+    older checkpoint of the same run would fail the same way (or load an older run). Loud, naming the tensor."""
+    linear = torch.nn.Linear(4, 3)
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, linear, {}, {"step": step})
+    warnings = []
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"checkpoint-2: .*'weight' is \(3, 4\) in the checkpoint and \(5, 4\) in the model"):
+        checkpoint.load_latest(tmp_path, lambda path: checkpoint.load(path, torch.nn.Linear(4, 5)),
+                               warn=warnings.append)
+    assert not warnings
+    assert issubclass(checkpoint.CheckpointMismatchError, checkpoint.CheckpointError)  # a user error: exit 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Background saves: AsyncSaver, and the cadence of saves
 

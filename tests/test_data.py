@@ -588,3 +588,20 @@ def test_sorting_by_length_reduces_padding():
         return padding_fraction([collate([examples[i] for i in mb], pad_token_id=0) for mb in batches])
 
     assert padding(sort=True) < 0.1 < 0.4 < padding(sort=False)
+
+
+def test_stats_say_whether_training_fed_text_with_bos_chat_or_both():
+    """DataStats.encoded_as decides whether final/'s tokenizer puts BOS first (models.save_final)."""
+    from gradaccum.models import build_tokenizer
+
+    tokenizer = build_tokenizer()  # has a chat template
+    pair, text = {"prompt": "a =", "completion": " b"}, {"text": "plain"}
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+
+    def encoded_as(records, chat_template=True):
+        return tokenize(records, tokenizer, max_length=64, chat_template=chat_template)[1].encoded_as
+
+    assert encoded_as([pair, chat]) == "chat"
+    assert encoded_as([pair], chat_template=False) == encoded_as([text]) == "text"  # raw pairs start with BOS
+    assert encoded_as([pair, text]) == encoded_as([chat, pair, text], chat_template=False) == "mixed"
+    assert encoded_as([]) == "text"

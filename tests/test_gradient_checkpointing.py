@@ -187,6 +187,78 @@ def test_a_model_without_layers_is_refused():
         enable_gradient_checkpointing(TinyLM())
 
 
+class BatchNormBlock(Block):
+    """A block whose norm keeps running statistics: BatchNorm updates them in every training forward."""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__(hidden, dropout)
+        self.norm = nn.BatchNorm1d(hidden)
+
+    def forward(self, h):
+        return h + torch.tanh(self.mix(self.norm(h.transpose(1, 2)).transpose(1, 2)))
+
+
+def batch_norm_lm():
+    model = block_lm()
+    model.blocks[1] = BatchNormBlock(16, 0.0).double()
+    return model
+
+
+def _train_once(model):
+    batch = collate(windows()[0])
+    CausalLMLoss(model)(batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def test_a_recompute_would_update_running_statistics_twice_so_such_layers_are_refused():
+    """The generic path recomputes each layer's forward in backward: a train-mode BatchNorm inside would update
+    its running mean, variance and num_batches_tracked twice. Refused by name; frozen (eval-mode) statistics
+    are exact and allowed, and switching them back to training after enabling is refused at the forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain = _train_once(batch_norm_lm())
+    bypassed = batch_norm_lm()  # what enabling did before: the layer's forward checkpointed, nothing checked
+    layer_forward = bypassed.blocks[1].forward
+    bypassed.blocks[1].forward = lambda h: checkpoint(layer_forward, h, use_reentrant=False)
+    assert int(_train_once(bypassed)["blocks.1.norm.num_batches_tracked"]) == 2 != \
+        int(plain["blocks.1.norm.num_batches_tracked"])
+
+    model = batch_norm_lm()
+    with pytest.raises(ModelError, match=r"^--gradient-checkpointing: blocks\.1\.norm \(BatchNorm1d\) updates running "
+                                         r"statistics .*twice.*eval\(\)"):
+        enable_gradient_checkpointing(model)
+    assert not gradient_checkpointing_enabled(model)
+
+    frozen, checked = batch_norm_lm(), batch_norm_lm()
+    frozen.blocks[1].norm.eval()
+    checked.blocks[1].norm.eval()
+    enable_gradient_checkpointing(checked)
+    counter = count_recomputes(checked)
+    buffers = _train_once(checked)
+    assert counter["calls"] == 2 * counter["layers"]  # recomputed: checkpointing is on
+    assert all(torch.equal(buffers[k], b) for k, b in _train_once(frozen).items())
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(checked.parameters(), frozen.parameters()))
+    checked.train()
+    with pytest.raises(ModelError, match=r"BatchNormBlock's norm \(BatchNorm1d\) updates running statistics"):
+        _train_once(checked)
+
+
+def test_transformers_layers_with_running_statistics_are_refused_and_left_unchecked():
+    """transformers' own checkpointing recomputes its layers too: a BatchNorm inside one (the conformer's
+    convolution module) is refused by name, and checkpointing is switched back off."""
+    from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
+
+    config = Wav2Vec2ConformerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     conv_dim=(8,), conv_stride=(5,), conv_kernel=(10,), num_conv_pos_embeddings=4,
+                                     num_conv_pos_embedding_groups=2, conv_depthwise_kernel_size=3)
+    model = Wav2Vec2ConformerModel(config)
+    with pytest.raises(ModelError, match=r"encoder\.layers\.0\.conv_module\.batch_norm \(BatchNorm1d\)"):
+        enable_gradient_checkpointing(model)
+    assert not gradient_checkpointing_enabled(model)
+    model.encoder.layers[0].conv_module.batch_norm.eval()  # frozen statistics: a recompute changes nothing
+    assert "transformers' own" in enable_gradient_checkpointing(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # The LM head stays chunked
 

@@ -13,14 +13,14 @@ from gradaccum.errors import CheckpointError, ConfigError
 from test_train import StopAfter, final_weights, run, write_pairs
 
 
-def _lora(seed: int = 0):
+def _lora(seed: int = 0, r: int = 4):
     from helpers import tiny_llama
     from peft import LoraConfig, get_peft_model
 
     base = tiny_llama(torch.float32, seed=0)
     torch.manual_seed(seed)
     # init_lora_weights=False: B != 0, so the adapters differ from seed to seed.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                         init_lora_weights=False)
     return get_peft_model(base, config)
 
@@ -145,3 +145,66 @@ def test_resume_against_another_base_is_refused_and_writes_nothing(tmp_path, mon
     with pytest.raises(ConfigError, match=r"--resume: .*frozen base.*--model"):
         run(tmp_path, "run", resume=True, **config)
     assert {p.name: p.stat().st_mtime_ns for p in first.output.iterdir()} == before
+
+
+def test_a_lora_checkpoint_of_another_rank_is_a_mismatch_not_damage(tmp_path):
+    model = _lora()
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model, {}, {"step": step}, frozen=checkpoint.frozen_base(model))
+    other = _lora(r=8)  # the same base: the fingerprint matches, the adapters' shapes do not
+    warnings = []
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"checkpoint-2: .*lora_A.* is \(4, 32\) in the "
+                                                                 r"checkpoint and \(8, 32\) in the model"):
+        checkpoint.load_latest(tmp_path, lambda p: checkpoint.load(p, other), warn=warnings.append)
+    assert not warnings  # not "skipping damaged checkpoint"
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("flag, then", [("lora_r", 8), ("lora_alpha", 16), ("dtype", "bfloat16")])
+def test_resume_with_other_lora_settings_or_dtype_is_refused_and_writes_nothing(tmp_path, monkeypatch, flag, then):
+    """Another rank (the adapters' shapes), alpha (their scale) or --dtype (bfloat16 keeps float32 master
+    weights: the base's fingerprint is the same) is another run, not a damaged checkpoint. Refused by name
+    before anything is written, even when run_config.json no longer says what the run was."""
+    import gradaccum.train as train_module
+    from gradaccum.config import RESUMABLE_CHANGES
+
+    write_pairs(tmp_path / "data.jsonl")
+    config = dict(dtype="float32", max_steps=4, micro_batch_size=4, save_every=1, lora=True, lora_r=4, lora_alpha=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "StopRequest", StopAfter(2))
+        first = run(tmp_path, "run", **config)
+    state = json.loads((first.output / "checkpoint-2" / "state.json").read_text())
+    assert state["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0,
+                             "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]}
+    changed = {**config, flag: then}
+    assert flag not in RESUMABLE_CHANGES
+    with pytest.raises(ConfigError, match=rf"{flag}: {config[flag]!r} there, {then!r} now"):
+        run(tmp_path, "run", resume=True, **changed)  # run_config.json tells the runs apart
+    (first.output / "run_config.json").unlink()  # now only the checkpoint can
+    before = _mtimes(first.output)
+    option = "--" + flag.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"--resume: .*checkpoint-2 .*{option} {config[flag]}, .*{then}.*"
+                                          rf"resume with {option} {config[flag]}"):
+        run(tmp_path, "run", resume=True, **changed)
+    assert _mtimes(first.output) == before
+
+
+def test_lora_on_or_off_and_an_older_checkpoints_settings_are_checked_too(tmp_path):
+    """state.json's 'lora' (None: trained without); a checkpoint from before it existed: its run config."""
+    from gradaccum.config import TrainConfig
+    from gradaccum.saving import resumable_base
+    from helpers import tiny_llama
+
+    model, config = _lora(), TrainConfig(lora=True, lora_r=4, lora_alpha=8)
+    older = {"step": 3, "config": {**config.to_dict(), "lora_alpha": 16}}
+    with pytest.raises(ConfigError, match="checkpoint-3 was trained with --lora-alpha 16, and this run has 8"):
+        resumable_base(older, model, tmp_path, config)
+    assert resumable_base({"step": 3, "config": config.to_dict()}, model, tmp_path, config) is None
+    with pytest.raises(ConfigError, match="trained without --lora; resume it without --lora"):
+        resumable_base({"step": 3, "lora": None}, model, tmp_path, config)
+    with pytest.raises(ConfigError, match="trained with --lora; resume it with --lora"):
+        resumable_base({"step": 3, "lora": {"r": 4}}, tiny_llama(torch.float32), tmp_path, TrainConfig())

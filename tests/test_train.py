@@ -224,3 +224,39 @@ def test_the_saved_tokenizer_adds_bos_as_training_did(tmp_path, kind):
     if kind == "tiny":
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
         assert reloaded.apply_chat_template(messages) == trained_with.apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("mix_text", [False, True])
+def test_the_saved_tokenizer_encodes_chat_text_as_training_did(tmp_path, capsys, mix_text):
+    """The default run trains prompt/completion pairs through the chat template, which data.tokenize encodes
+    without special tokens and the tiny template writes no BOS into: final/'s `tokenizer(rendered chat)` must
+    give exactly the training ids, with no BOS in front. A run that also trains text records trained those
+    with BOS first: then `tokenizer(text)` puts BOS first, and the log line says which each kind got."""
+    from transformers import AutoTokenizer
+
+    from gradaccum.data import tokenize
+    from gradaccum.models import load_model
+
+    write_pairs(tmp_path / "data.jsonl", n=8)
+    if mix_text:
+        with open(tmp_path / "data.jsonl", "a") as f:
+            f.write(json.dumps({"text": "the quick brown fox"}) + "\n")
+    result = run(tmp_path, "run", dtype="float32", max_steps=1, batch_size=2, micro_batch_size=2)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final model:")]
+    trained_with = load_model("tiny")[1]
+    reloaded = AutoTokenizer.from_pretrained(result.output / "final")
+    record = {"prompt": "copy abc =", "completion": " abc"}
+    (example,), stats = tokenize([record], trained_with, max_length=512)
+    assert stats.pairs_as == "chat" and example.input_ids[0] != trained_with.bos_token_id
+    messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    rendered = reloaded.apply_chat_template(messages, tokenize=False)
+    assert reloaded.apply_chat_template(messages)["input_ids"] == example.input_ids  # what training fed, always
+    bos = trained_with.bos_token_id
+    if mix_text:
+        assert reloaded("the quick brown fox").input_ids[0] == bos
+        assert reloaded(rendered).input_ids == [bos, *example.input_ids]
+        assert "puts <|bos|> first, as training did for text" in said[0] and "apply_chat_template" in said[0], said
+    else:
+        assert reloaded(rendered).input_ids == example.input_ids
+        assert reloaded("the quick brown fox").input_ids[0] != bos
+        assert "adds no <|bos|>" in said[0] and "NOTE" not in said[0], said

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import CheckpointError, TrainingError
@@ -59,6 +60,11 @@ class CheckpointWriteError(TrainingError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint holds tensors of other shapes than the model built now: another model (other --lora-r,
+    --model ...), not damage. Raised as it is: an older checkpoint of the same run would not fit either."""
 
 
 @dataclass
@@ -418,14 +424,17 @@ def find_latest(output_dir: str | Path, warn=print) -> Checkpoint | None:
 def load_latest(output_dir: str | Path, restore: Callable[[Path], T], warn=print) -> tuple[Checkpoint, T] | None:
     """The newest checkpoint that verifies and that `restore(path)` loads, with what `restore` returned.
 
-    Any failure (a checksum, a truncated file, bad JSON, a missing key, a tensor that does not fit) is
-    reported through `warn` and the previous checkpoint is tried; None when none loads. `restore`
+    Any failure (a checksum, a truncated file, bad JSON, a missing key) is reported through `warn` and the
+    previous checkpoint is tried; None when none loads. A CheckpointMismatchError (tensors of other shapes
+    than the model's) is raised: the model is not the one the run trained. `restore`
     must load everything it loads from scratch, since a failed attempt may have loaded part of it.
     """
     for checkpoint in reversed(list_checkpoints(output_dir)):
         try:
             verify(checkpoint.path)
             return checkpoint, restore(checkpoint.path)
+        except CheckpointMismatchError:
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, an older checkpoint may load
             reason = str(exc) if isinstance(exc, CheckpointError) else \
                 f"{checkpoint.path}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
@@ -467,6 +476,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
             if (reason := frozen_base_mismatch(state["frozen_base"], frozen)) is not None:
                 raise CheckpointError(f"{path}: {reason}")
             left_out = frozen.names
+        check_shapes(path, model)
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         missing = set(missing) - left_out
         if missing or unexpected:
@@ -475,3 +485,15 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
     training_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     set_rng_state(load_file(str(path / "rng.safetensors")))
     return training_state, state
+
+
+def check_shapes(path: str | Path, model: torch.nn.Module) -> None:
+    """CheckpointMismatchError naming the model's first tensor whose shape in the checkpoint differs (global
+    shapes: an FSDP2 model's DTensors too). Reads only the file's header."""
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as stored:
+        shapes = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+    for name, tensor in model.state_dict().items():
+        if shapes.get(name, tuple(tensor.shape)) != tuple(tensor.shape):
+            raise CheckpointMismatchError(f"{path}: does not fit the model built now: {name!r} is {shapes[name]} in "
+                                          f"the checkpoint and {tuple(tensor.shape)} in the model; resume with the "
+                                          "--model, --lora settings and --dtype of the run that wrote it")

@@ -69,6 +69,15 @@ class DataStats:
     # through the chat template) or "raw" (prompt and completion as one text); None: there were none.
     pairs_as: str | None = None
 
+    @property
+    def encoded_as(self) -> str:
+        """How the examples were encoded, for final/'s tokenizer (models.save_final): "text" (each
+        [BOS] text [EOS]: text records, pairs as raw text), "chat" (chat-template ids, no special tokens
+        added) or "mixed"."""
+        num_pairs = sum(self.num_by_format.get(kind, 0) for kind in _PAIR_FIELDS)
+        num_plain = self.num_by_format.get("text", 0) + (num_pairs if self.pairs_as == "raw" else 0)
+        return "text" if num_plain == self.num_examples else "chat" if num_plain == 0 else "mixed"
+
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizing

@@ -39,10 +39,25 @@ class _CheckpointedForward:
 
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled():
+            _refuse_running_statistics(self, f"{type(self).__name__.removeprefix('Checkpointed')}'s ")
             # preserve_rng_state (the default): the recompute draws the same dropout masks, and the
             # global RNG advances exactly as without checkpointing.
             return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
         return super().forward(*args, **kwargs)
+
+
+def _refuse_running_statistics(layer: nn.Module, where: str) -> None:
+    """ModelError naming the first module in `layer` (`where` + its name) whose training forward updates running
+    statistics (BatchNorm's running mean and variance, num_batches_tracked; InstanceNorm's with
+    track_running_stats): the recompute in backward would update them a second time, and the buffers would
+    differ from a plain run's."""
+    for name, module in layer.named_modules():
+        if module.training and (getattr(module, "track_running_stats", False) is True
+                                or isinstance(getattr(module, "running_mean", None), torch.Tensor)):
+            raise ModelError(f"--gradient-checkpointing: {(where + name).strip('. ')} ({type(module).__name__}) "
+                             "updates running statistics in every training forward, and its recompute in backward "
+                             "would update them twice; freeze them (call .eval() on it) or train without "
+                             "--gradient-checkpointing")
 
 
 _CHECKPOINTED_CLASSES: dict[type, type] = {}
@@ -87,12 +102,23 @@ def enable_gradient_checkpointing(model: nn.Module) -> str:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        layers = sum(1 for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True)
+        checkpointed = {name: module for name, module in base.named_modules()
+                        if getattr(module, "gradient_checkpointing", False) is True}
+        try:
+            for name, module in checkpointed.items():
+                _refuse_running_statistics(module, f"{name}.")
+        except ModelError:
+            disable_gradient_checkpointing(model)
+            raise
+        layers = len(checkpointed)
         return f"activation checkpointing: transformers' own, non-reentrant ({layers} modules)"
     layers = _repeated_layers(model)
     if not layers:
         raise ModelError(f"--gradient-checkpointing: {type(model).__name__} is not a transformers model with "
                          "checkpointing support and has no nn.ModuleList of layers to checkpoint")
+    names = {id(module): name for name, module in model.named_modules()}
+    for layer in layers:  # all checked before any is switched: a refusal changes nothing
+        _refuse_running_statistics(layer, f"{names[id(layer)]}.")
     for layer in layers:
         if not isinstance(layer, _CheckpointedForward):
             layer.__class__ = _checkpointed_class(type(layer))

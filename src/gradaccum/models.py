@@ -25,6 +25,7 @@ from .errors import ModelError, first_line
 from .layer_checkpointing import (disable_gradient_checkpointing, enable_gradient_checkpointing,  # noqa: F401
                                   gradient_checkpointing_enabled)
 from .layer_checkpointing import is_peft_model as _is_peft_model
+from .saved_tokenizer import saved_tokenizer_note, tokenizer_as_trained
 
 __all__ = [
     "ModelError",
@@ -319,13 +320,20 @@ def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout: float
 
 
 def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge_lora: bool = True,
-               state_dict: dict | None = None) -> str:
+               state_dict: dict | None = None, encoded_as: str = "text", trust_remote_code: bool = False) -> str:
     """Save model and tokenizer with `save_pretrained` (safetensors) into `out_dir`; say what was saved.
 
     A peft model is saved either merged into a full model (loads with `AutoModelForCausalLM`, needs
     nothing else) or as the adapter only (small, but needs the base model to load). `state_dict`
     replaces the model's own tensors (the full weights gathered from FSDP2 shards).
+
+    The tokenizer's `tokenizer(text)` gives what training fed (`encoded_as`, data.DataStats.encoded_as):
+    "text" ([BOS] text [EOS] records and raw pairs) or "mixed": BOS first (`tokenizer_as_trained`); "chat"
+    (chat-template ids, no special tokens added): the tokenizer as it was. `trust_remote_code` loads the
+    saved tokenizer back, to prove it; if that fails the note says so and nothing is raised.
     """
+    if encoded_as not in ("text", "chat", "mixed"):
+        raise ValueError(f"save_final: encoded_as must be 'text', 'chat' or 'mixed', got {encoded_as!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if _is_peft_model(model) and merge_lora:
@@ -340,64 +348,12 @@ def save_final(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge
     else:
         model.save_pretrained(out_dir, state_dict=None if state_dict is None else _share_tied(model, state_dict))
         what = "full model"
-    as_trained = tokenizer_as_trained(tokenizer)
-    as_trained.save_pretrained(out_dir)
+    (tokenizer if encoded_as == "chat" else tokenizer_as_trained(tokenizer)).save_pretrained(out_dir)
     from .checkpoint import normal_permissions
 
     normal_permissions(out_dir.glob("*.safetensors"))  # safetensors writes them 0600
-    if not _puts_bos_first(tokenizer):
-        from transformers import AutoTokenizer
-
-        # Proven on the files, as a user loads them (a tokenizer class may rebuild its post-processor).
-        if _probe_ids(AutoTokenizer.from_pretrained(out_dir)) == [tokenizer.bos_token_id, *_probe_ids(tokenizer)]:
-            what += f"; its tokenizer puts {tokenizer.bos_token} first, as training did"
-        else:
-            what += (f"; NOTE: its tokenizer does not put {tokenizer.bos_token} (id {tokenizer.bos_token_id}) first, "
-                     "and training did: prepend it to text you encode")
-    return what
-
-
-def _probe_ids(tokenizer) -> list[int]:
-    return list(tokenizer("Hello world")["input_ids"])
-
-
-def _puts_bos_first(tokenizer) -> bool:
-    """Whether `tokenizer(text)` starts with BOS, or there is none (data.tokenize then adds none either)."""
-    return tokenizer.bos_token_id is None or _probe_ids(tokenizer)[:1] == [tokenizer.bos_token_id]
-
-
-def tokenizer_as_trained(tokenizer):
-    """`tokenizer`, or a copy whose `tokenizer(text)` is BOS followed by what it gave before, as the training
-    data was: data.tokenize writes BOS before every text and raw prompt/completion pair when the tokenizer has
-    one, and most byte-level tokenizers (the `tiny` preset's too) do not add it themselves. Only the
-    post-processor changes; `apply_chat_template` adds no special tokens, so chat ids stay as they were.
-    The original comes back when neither way works (a slow tokenizer without `add_bos_token`)."""
-    if _puts_bos_first(tokenizer):
-        return tokenizer
-    expected = [tokenizer.bos_token_id, *_probe_ids(tokenizer)]
-    prop = getattr(type(tokenizer), "add_bos_token", None)
-    if isinstance(prop, property) and prop.fset is not None:
-        adding = copy.deepcopy(tokenizer)
-        # transformers' own switches: they rebuild the post-processor, which is saved with the tokenizer.
-        # An EOS that the old post-processor appended must stay (add_bos_token alone would drop it).
-        if expected[-1:] == [tokenizer.eos_token_id] and hasattr(type(tokenizer), "add_eos_token"):
-            adding.add_eos_token = True
-        adding.add_bos_token = True
-        if _probe_ids(adding) == expected:
-            return adding
-    if getattr(tokenizer, "is_fast", False):
-        from tokenizers import processors
-
-        adding = copy.deepcopy(tokenizer)
-        bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-        prepend = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                                special_tokens=[(bos, bos_id)])
-        existing = adding.backend_tokenizer.post_processor  # e.g. ByteLevel's offset trimming: kept
-        adding.backend_tokenizer.post_processor = prepend if existing is None else \
-            processors.Sequence([existing, prepend])
-        if _probe_ids(adding) == expected:
-            return adding
-    return tokenizer
+    note = saved_tokenizer_note(tokenizer, out_dir, encoded_as, trust_remote_code)
+    return f"{what}; {note}" if note else what
 
 
 def final_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from . import checkpoint, distributed
 from .async_save import AsyncSaver, SaveCadence
 from .checkpoint import CheckpointWriteError
 from .errors import ConfigError
+from .layer_checkpointing import is_peft_model
 
 DEFAULT_SAVE_SECONDS = 1800.0  # --save-every's default: every 30 minutes of wall time
 MAX_SAVE_OVERHEAD = 0.05  # ... skipped while waiting for saves would exceed 5% of the run
@@ -36,16 +37,63 @@ def snapshot_bytes(model: torch.nn.Module) -> int:
     return sum(stored.values()) + 2 * trainable
 
 
+def lora_settings(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The LoRA settings the model was built with (its peft config), as state.json records them; None without."""
+    config = getattr(model, "peft_config", {}).get("default") if is_peft_model(model) else None
+    if config is None:
+        return None
+    targets = config.target_modules
+    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets)}
+
+
+# How each recorded setting is named to the user (dropout and targets have no flag: they follow from the model).
+_LORA_SETTINGS = {"r": "--lora-r", "alpha": "--lora-alpha", "dropout": "LoRA dropout",
+                  "target_modules": "LoRA target modules"}
+
+
+def _resume_mismatch(resumed: dict[str, Any], model: torch.nn.Module, config: Any) -> tuple[str, Any, Any] | None:
+    """(what, in the checkpoint, now) for the first setting of the model that differs from the checkpoint's
+    run: --lora and its settings (state.json's 'lora'; older checkpoints: their run config) and --dtype."""
+    recorded_config = resumed.get("config") if isinstance(resumed.get("config"), dict) else {}
+    if "dtype" in recorded_config and recorded_config["dtype"] != config.dtype:
+        return "--dtype", recorded_config["dtype"], config.dtype
+    if "lora" in resumed:
+        recorded = resumed["lora"]
+    elif "lora" in recorded_config:
+        recorded = {"r": recorded_config.get("lora_r"), "alpha": recorded_config.get("lora_alpha")} \
+            if recorded_config["lora"] else None
+    else:
+        return None
+    now = lora_settings(model)
+    if (recorded is None) != (now is None) or not (isinstance(recorded, dict) or recorded is None):
+        return "--lora", recorded is not None, now is not None
+    for key, name in _LORA_SETTINGS.items():
+        if recorded is not None and key in recorded and recorded[key] != now[key]:
+            return name, recorded[key], now[key]
+    return None
+
+
 def resumable_base(resumed: dict[str, Any], model: torch.nn.Module, output: Path,
-                   model_spec: str) -> checkpoint.FrozenBase | None:
-    """At --resume: the frozen base's fingerprint when the checkpoint to resume left the base out (LoRA),
-    refusing a base that is not the one it was trained on (the checkpoint cannot rebuild it, only tell it apart)."""
+                   config: Any) -> checkpoint.FrozenBase | None:
+    """At --resume, before anything is written: refuse a model built with other LoRA settings or --dtype than the
+    checkpoint's run (another rank or alpha is another run, not a damaged checkpoint), then return the frozen base's
+    fingerprint when the checkpoint left the base out (LoRA), refusing a base that is not the one it was trained on
+    (the checkpoint cannot rebuild it, only tell it apart)."""
+    where = f"--resume: {output}/checkpoint-{resumed['step']}"
+    if (mismatch := _resume_mismatch(resumed, model, config)) is not None:
+        name, then, now = mismatch
+        if name == "--lora":
+            how = "with" if then else "without"
+            raise ConfigError(f"{where} was trained {how} --lora; resume it {how} --lora or start a new run")
+        raise ConfigError(f"{where} was trained with {name} {then}, and this run has {now}; resume with {name} "
+                          f"{then} or start a new run")
     if "frozen_base" not in resumed:
         return None
     frozen = checkpoint.frozen_base(model)
     if (reason := checkpoint.frozen_base_mismatch(resumed["frozen_base"], frozen)) is not None:
-        raise ConfigError(f"--resume: {output}/checkpoint-{resumed['step']} {reason}; resume with the --model "
-                          f"{model_spec} files, --seed, --dtype and --lora settings of the run that wrote it")
+        raise ConfigError(f"{where} {reason}; resume with the --model {config.model} files, --seed, --dtype and "
+                          "--lora settings of the run that wrote it")
     return frozen
 
 
@@ -81,7 +129,7 @@ class Checkpointing:
         state = {"step": step, "epoch": step // run.windows_per_epoch,
                  "window_in_epoch": step % run.windows_per_epoch, "batch_size": run.batch_size,
                  "seed": run.config.seed, "fsdp": run.fsdp, "world_size": run.world_size,
-                 "config": run.config.to_dict()}
+                 "lora": lora_settings(run.model), "config": run.config.to_dict()}
         if self.saver is not None:
             self.saver.save(step, run.model, training_state, state, model_state, frozen=self._frozen_base())
             if wait:

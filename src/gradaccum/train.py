@@ -76,6 +76,7 @@ class Run:
     lengths: list[int]  # tokens per example: split_window sorts each window by them
     eval_examples: list[Example]
     eval_records: list[dict]
+    encoded_as: str  # data.DataStats.encoded_as: whether final/'s tokenizer puts BOS first, as training did
     micro_batch_size: int
     accumulation_steps: int
     batch_size: int  # B = micro x accumulation x world
@@ -152,13 +153,13 @@ def set_up(config: TrainConfig) -> Run:
                           "resume them the same way")
 
     model, tokenizer = build_model(config, device, log)
-    frozen = resumable_base(resumed, model, output, config.model) if resumed is not None else None
+    frozen = resumable_base(resumed, model, output, config) if resumed is not None else None
     if config.packing and (reason := packing_unsupported_reason(model)):
         raise ConfigError(f"--packing: {reason}; train without --packing")
     loss_module = CausalLMLoss(model, normalize=config.normalize, chunked=config.chunked_loss)
     log(f"LM head loss: {loss_module.head_kernel}" + ("" if loss_module.uses_chunked_path
                                                     else f" ({loss_module.fallback_reason})"))
-    examples, eval_examples, eval_records = _read_data(config, tokenizer)
+    examples, eval_examples, eval_records, encoded_as = _read_data(config, tokenizer)
     autocast = autocast_for(config.dtype, device)
 
     if config.micro_batch_size == "auto":
@@ -187,13 +188,15 @@ def set_up(config: TrainConfig) -> Run:
                output=output, model=model, tokenizer=tokenizer, loss_module=loss_module, train_module=train_module,
                params=params, optimizer=optimizer, scheduler=scheduler, acc=acc, autocast=autocast,
                examples=examples, lengths=[len(example.input_ids) for example in examples],
-               eval_examples=eval_examples, eval_records=eval_records, micro_batch_size=micro_batch_size,
+               eval_examples=eval_examples, eval_records=eval_records, encoded_as=encoded_as,
+               micro_batch_size=micro_batch_size,
                accumulation_steps=accumulation_steps, batch_size=batch_size, windows_per_epoch=windows_per_epoch,
                total_steps=total_steps, eval_every=eval_every, frozen_base=frozen)
 
 
-def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], list[dict]]:
-    """(training examples, eval examples, eval records); eval is the bundled split for bundled data."""
+def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], list[dict], str]:
+    """(training examples, eval examples, eval records, how training was encoded); eval is the bundled split
+    for bundled data."""
     from . import tasks
 
     train_path = training_data_path(config)
@@ -207,7 +210,7 @@ def _read_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
         f"eval: {len(eval_examples)} from {eval_path or '-'}")
     if (note := pairs_note(stats)) is not None:
         log(note)
-    return examples, eval_examples, [record for _, record in eval_lines]
+    return examples, eval_examples, [record for _, record in eval_lines], stats.encoded_as
 
 
 def _schedule(config: TrainConfig, num_examples: int, batch_size: int) -> tuple[int, int, int, int]:
@@ -269,6 +272,7 @@ def resume(run: Run) -> int:
         if state.get("batch_size") != run.batch_size:
             raise CheckpointError(f"{path}: trained with batch {state.get('batch_size')}, not {run.batch_size}")
         if run.fsdp:  # full state dicts, sharded back over the ranks
+            checkpoint.check_shapes(path, run.model)
             distributed.load_full_state_dicts(run.model, run.optimizer, checkpoint.load_weights(path),
                                               training_state["optimizer"])
         else:
@@ -445,7 +449,8 @@ def save_final_model(run: Run, keep_final_state: bool) -> dict[str, torch.Tensor
             kept = final_state_dict(run.model, full_state)
         if config.save_final:
             note = save_final(run.model, run.tokenizer, run.output / "final", merge_lora=config.merge_lora,
-                              state_dict=full_state)
+                              state_dict=full_state, encoded_as=run.encoded_as,
+                              trust_remote_code=config.trust_remote_code)
             log(f"final model: {run.output}/final ({note})")
         else:
             log("final model: not written (--no-save-final)")
