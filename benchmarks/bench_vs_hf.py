@@ -17,8 +17,9 @@ machine load falls on both alike; the table reports ratios of medians, and every
              tokenizer at the end too
   gradaccum (THP off)  the gradaccum command with THP_MEM_ALLOC_ENABLE=0: what the CLI gains from
              asking torch's allocator for huge pages (it sets THP_MEM_ALLOC_ENABLE=1 by default)
-  HF (THP on)  HF Trainer given the same allocator setting, so the ratio that is *not* the allocator
-             can be read off too
+  HF (THP on)  HF Trainer given the CLI's allocator settings (torch's huge pages, and glibc's mmap
+             threshold fixed at 4 MiB, which the CLI sets with mallopt), so the ratio that is *not* the
+             allocator can be read off too
   gradaccum+X  the gradaccum command with proposed loop changes X applied (train_variant.py)
 
 Writes benchmarks/results/vs_hf.md, vs_hf.png and the raw measurements in vs_hf.json.
@@ -96,6 +97,7 @@ def bench_preset(name: str, preset: dict, rounds: int, data: str | None, variant
                     extra["THP_MEM_ALLOC_ENABLE"] = "0"
                 elif side.endswith("(THP on)"):
                     extra["THP_MEM_ALLOC_ENABLE"] = "1"
+                    extra["MALLOC_MMAP_THRESHOLD_"] = str(4 * 2 ** 20)  # what gradaccum.cli sets with mallopt
                 env = env_with_src(extra)
                 if "THP_MEM_ALLOC_ENABLE" not in extra:
                     env.pop("THP_MEM_ALLOC_ENABLE", None)  # each side's own default
@@ -124,8 +126,9 @@ def report(results: dict[str, dict], rounds: int, data: str | None, threads: int
              "Ratios are side / HF Trainer, of the medians; 'per round' lists each round's own ratio "
              "(both sides of a round ran back to back, under the same load). Both sides save the final "
              "model; gradaccum also writes metrics.jsonl and loss.png. The gradaccum CLI sets "
-             "THP_MEM_ALLOC_ENABLE=1 (huge pages for torch's large CPU blocks) unless the user set it; the "
-             "(THP off) / (THP on) rows separate that from the rest.", ""]
+             "THP_MEM_ALLOC_ENABLE=1 (huge pages for torch's large CPU blocks) and fixes glibc's mmap threshold "
+             "at 4 MiB unless the user set them; 'HF (THP on)' runs HF Trainer with both settings, "
+             "'gradaccum (THP off)' runs gradaccum without huge pages.", ""]
     for name, result in results.items():
         preset = PRESETS[name]
         runs, sides = result["runs"], result["sides"]
