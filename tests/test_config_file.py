@@ -48,13 +48,16 @@ def test_json_file_and_required_fields_from_the_file(tmp_path, capsys):
 
 
 def test_run_config_json_round_trip(tmp_path):
-    """A run_config.json as a run writes it is accepted as-is and gives back the same TrainConfig."""
+    """A run_config.json as a run writes it is accepted as-is and gives back the same TrainConfig, except
+    --resume and --overwrite, which act on the folder at the time: it records them as false."""
     config = TrainConfig(data="d.jsonl", max_length=64, lr=1e-5, max_grad_norm=0, lora=True, micro_batch_size=2,
                          batch_size=8, epochs=1.5, dtype="bfloat16", report_to="tensorboard,wandb",
-                         output=str(tmp_path / "run"))
+                         output=str(tmp_path / "run"), resume=True, overwrite=True)
     run_folder.claim(tmp_path / "run", config)
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert (recorded["resume"], recorded["overwrite"]) == (False, False)
     again = TrainConfig.from_args(parse(["train", "--config", str(tmp_path / "run" / "run_config.json")]))
-    assert again == config
+    assert again == dataclasses.replace(config, resume=False, overwrite=False)
 
 
 @pytest.mark.parametrize("name", ["resume", "overwrite"])
