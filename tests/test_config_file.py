@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -47,13 +48,31 @@ def test_json_file_and_required_fields_from_the_file(tmp_path, capsys):
 
 
 def test_run_config_json_round_trip(tmp_path):
-    """A run_config.json as a run writes it is accepted as-is and gives back the same TrainConfig."""
+    """A run_config.json as a run writes it is accepted as-is and gives back the same TrainConfig, except
+    --resume and --overwrite, which act on the folder at the time: it records them as false."""
     config = TrainConfig(data="d.jsonl", max_length=64, lr=1e-5, max_grad_norm=0, lora=True, micro_batch_size=2,
                          batch_size=8, epochs=1.5, dtype="bfloat16", report_to="tensorboard,wandb",
-                         output=str(tmp_path / "run"))
+                         output=str(tmp_path / "run"), resume=True, overwrite=True)
     run_folder.claim(tmp_path / "run", config)
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert (recorded["resume"], recorded["overwrite"]) == (False, False)
     again = TrainConfig.from_args(parse(["train", "--config", str(tmp_path / "run" / "run_config.json")]))
-    assert again == config
+    assert again == dataclasses.replace(config, resume=False, overwrite=False)
+
+
+@pytest.mark.parametrize("name", ["resume", "overwrite"])
+def test_a_settings_file_cannot_turn_on_resume_or_overwrite(tmp_path, capsys, name):
+    """They act on --output as it is now; from a file they would act again on every run made from it."""
+    for suffix, text in ((".yaml", f"seed: 1\n{name}: true\n"), (".json", f'{{"seed": 1,\n "{name}": true}}')):
+        path = _write(tmp_path / f"run{suffix}", text)
+        assert main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"gradaccum train: error: {path}:2: {name}: "), err
+        assert f"pass --{name} on the command line" in err, err
+        assert not (tmp_path / "out").exists()
+    # false, as run_config.json records them, is accepted; the flag still turns it on
+    path = _write(tmp_path / "off.yaml", f"{name}: false\n")
+    assert getattr(TrainConfig.from_args(parse(["train", "--config", str(path), f"--{name}"])), name) is True
 
 
 def test_a_run_config_json_reproduces_its_run(tmp_path, capsys):
@@ -87,6 +106,10 @@ ERRORS = {
                            "{path}:1: --dtype: unknown value 'float16' (choose from float32, bfloat16, float64)"),
     "a list": ("run.yaml", "- max_length\n- 64\n", "{path}: expected a mapping of settings (name: value), got a list"),
     "empty": ("run.yaml", "# nothing\n", "{path}: expected a mapping of settings (name: value), got an empty file"),
+    "yaml null": ("run.yaml", "null\n", "{path}: expected a mapping of settings (name: value), got null"),
+    "json null": ("run.json", "null\n", "{path}: expected a mapping of settings (name: value), got null"),
+    "a number for a string": ("run.yaml", "seed: 1\noutput: true\n",
+                              "{path}:2: output: expected a string, got true (quote it"),
     "bad yaml": ("run.yaml", "seed: 1\nmax_length: [64,\n", "{path}:3: not valid YAML: "),
     "yaml tab": ("run.yaml", "seed: 1\n\tlr: 2\n", "{path}:2: not valid YAML: "),
     "twice": ("run.yaml", "lr: 1e-3\nseed: 2\nlr: 2e-3\n", "{path}:3: 'lr' is set twice (also on line 1)"),
@@ -141,3 +164,61 @@ def test_the_readme_example_is_examples_run_yaml_and_it_trains(tmp_path, monkeyp
                  "--report-to", "none", "--no-progress", "--no-save-final"])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("12:30", "12:30"),  # YAML 1.1 reads a base-60 number: 750
+    ("0755", "0755"),  # an octal number: 493
+    ("1_2", "1_2"),  # 12
+    ("2024", "2024"),
+    ("1.50", "1.50"),
+    ("'0755'", "0755"),
+])
+def test_a_string_setting_keeps_the_text_as_written(tmp_path, text, expected):
+    path = _write(tmp_path / "run.yaml", f"output: {text}\ndata: {text}\nmemory_budget: 4000000000\n"
+                                         "micro_batch_size: auto\nbatch_size: 8\n")
+    config = TrainConfig.from_args(parse(["train", "--config", str(path)]))
+    assert (config.output, config.data, config.memory_budget) == (expected, expected, "4000000000")
+
+
+# Each pair of settings of which a run takes one: a flag replaces the file's value of the other.
+ALTERNATIVES = [
+    ("max_steps: 20\n", ["--epochs", "2"], dict(max_steps=None, epochs=2.0)),
+    ("epochs: 2\n", ["--max-steps", "5"], dict(max_steps=5, epochs=None)),
+    ("batch_size: 8\n", ["--accumulation-steps", "2"], dict(batch_size=None, accumulation_steps=2)),
+    ("accumulation_steps: 2\n", ["--batch-size", "8"], dict(batch_size=8, accumulation_steps=None)),
+    ("micro_batch_size: auto\nbatch_size: 8\nmemory_budget: 4GB\n", ["--micro-batch-size", "2"],
+     dict(micro_batch_size=2, memory_budget=None, batch_size=8)),
+    # 'auto' goes with a budget: the file's stays
+    ("micro_batch_size: 4\nbatch_size: 8\nmemory_budget: 4GB\n", ["--micro-batch-size", "auto"],
+     dict(micro_batch_size="auto", memory_budget="4GB")),
+]
+
+
+@pytest.mark.parametrize("text, flags, expected", ALTERNATIVES)
+def test_a_flag_replaces_the_files_value_of_its_alternative(tmp_path, text, flags, expected):
+    path = _write(tmp_path / "run.yaml", text)
+    config = TrainConfig.from_args(parse(["train", "--config", str(path), *flags]))
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
+def test_both_alternatives_on_the_command_line_or_in_the_file_are_still_refused(tmp_path, capsys):
+    path = _write(tmp_path / "run.yaml", "seed: 1\nmax_steps: 20\nepochs: 2\n")
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "give --max-steps or --epochs, not both" in capsys.readouterr().err
+    assert main(["train", "--max-steps", "2", "--epochs", "1", "--output", str(tmp_path / "out")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_the_example_file_takes_epochs_instead_of_its_max_steps(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = TrainConfig.from_args(parse(["train", "--config", "examples/run.yaml", "--epochs", "2"]))
+    assert (config.max_steps, config.epochs) == (None, 2.0)
+
+
+def test_yaml_merge_keys_give_way_to_the_keys_beside_them(tmp_path):
+    """YAML's merge: the keys written beside `<<` win, and of the merged mappings the first wins."""
+    path = _write(tmp_path / "run.yaml", "<<: [{seed: 3, lr: 0.1, dtype: float64}, {seed: 5, lr: 0.2, "
+                                         "max_length: 8}]\nseed: 4\n")
+    config = TrainConfig.from_args(parse(["train", "--config", str(path)]))
+    assert (config.seed, config.lr, config.max_length, config.dtype) == (4, 0.1, 8, "float64")

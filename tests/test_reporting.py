@@ -13,6 +13,8 @@ from gradaccum import reporting, run_folder
 from gradaccum.cli import main
 from gradaccum.config import TrainConfig
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _data(tmp_path: Path) -> Path:
     path = tmp_path / "data.jsonl"
@@ -39,6 +41,7 @@ class FakeWandb(types.ModuleType):
     def __init__(self):
         super().__init__("wandb")
         self.calls: list[tuple] = []
+        self.id = "fake-run-1"  # the run's id (wandb.init returns this module as its run)
 
     def init(self, **kwargs):
         self.calls.append(("init", kwargs))
@@ -75,6 +78,7 @@ def test_wandb_receives_the_records_and_the_run_config(tmp_path, capsys, monkeyp
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
     assert _train(tmp_path, "--report-to", "wandb") == 0, capsys.readouterr().err[-2000:]
     output = tmp_path / "out"
     metrics = _metrics(output)
@@ -136,15 +140,94 @@ def test_a_missing_tracker_package_is_refused_before_anything_is_written(tmp_pat
     assert sorted((p.name, p.read_bytes()) for p in previous.iterdir()) == before
 
 
-def test_overwrite_deletes_the_tracker_folders_and_nothing_else(tmp_path):
-    output = tmp_path / "run"
-    run_folder.claim(output, TrainConfig(output=str(output)))
+def _folders(output: Path) -> None:
     for folder in ("tensorboard", "wandb", "mine"):
         (output / folder).mkdir()
         (output / folder / "f").write_text("x")
     (output / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("report_to, deleted", [("none", set()), ("tensorboard", {"tensorboard"}),
+                                                ("wandb,tensorboard", {"tensorboard", "wandb"})])
+def test_overwrite_deletes_only_the_tracker_folders_the_run_reported_to(tmp_path, report_to, deleted):
+    """A tensorboard/ or wandb/ folder in a run's --output is the user's unless the run reported there."""
+    output = tmp_path / "run"
+    run_folder.claim(output, TrainConfig(output=str(output), report_to=report_to))
+    _folders(output)
     run_folder.remove_run_files(output)
-    assert sorted(p.name for p in output.iterdir()) == ["mine", "notes.txt"]
+    assert sorted(p.name for p in output.iterdir()) == sorted({"tensorboard", "wandb", "mine", "notes.txt"} - deleted)
+
+
+def test_overwrite_deletes_the_folder_of_a_tracker_the_run_reported_to_before_its_resume(tmp_path, monkeypatch):
+    """Started with wandb, resumed without: run_config.json says none, trackers.json still names wandb."""
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    output = tmp_path / "run"
+    run_folder.claim(output, TrainConfig(output=str(output), report_to="wandb"))
+    with reporting.open_trackers(TrainConfig(report_to="wandb"), output, 0, is_main=True):
+        pass
+    run_folder.claim(output, TrainConfig(output=str(output), resume=True))
+    _folders(output)
+    run_folder.remove_run_files(output)
+    assert sorted(p.name for p in output.iterdir()) == ["mine", "notes.txt", "tensorboard"]
+
+
+class FailingWandb(FakeWandb):
+    """`wandb.init` as it fails without an account or a network."""
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+
+def test_a_failed_wandb_init_leaves_the_run_that_overwrite_would_replace(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    assert _train(tmp_path, "--report-to", "wandb", "--save-every", "1") == 0, capsys.readouterr().err[-2000:]
+    previous = tmp_path / "out"
+    (previous / "wandb" / "run-1").mkdir(parents=True)  # what wandb itself wrote
+    (previous / "wandb" / "run-1" / "events").write_text("logged")
+    before = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+    assert (previous / "checkpoint-2").is_dir() and (previous / "trackers.json").is_file()
+    failing = FailingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", failing)
+    capsys.readouterr()
+    assert _train(tmp_path, "--report-to", "wandb", "--overwrite", "--lr", "0.5") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "wandb.init failed: api_key not configured" in err, err
+    assert failing.calls and failing.calls[0][0] == "init"
+    assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == before
+    assert not (previous / run_folder.PREVIOUS).exists()
+    # a new folder: nothing is left of the start
+    assert _train(tmp_path, "--report-to", "wandb", output="new") == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_resumed_run_goes_on_with_its_wandb_run(tmp_path, capsys, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert _train(tmp_path, "--report-to", "wandb", "--save-every", "1") == 0, capsys.readouterr().err[-2000:]
+    assert "id" not in fake.calls[0][1] and "resume" not in fake.calls[0][1]
+    fake.calls.clear()
+    fake.id = "fake-run-2"  # what a new wandb run would get
+    assert _train(tmp_path, "--report-to", "wandb", "--save-every", "1", "--resume") == 0
+    assert (fake.calls[0][1]["id"], fake.calls[0][1]["resume"]) == ("fake-run-1", "allow")
+    fake.calls.clear()
+    assert _train(tmp_path, "--report-to", "wandb", "--overwrite") == 0  # a new run: a new wandb run
+    assert "id" not in fake.calls[0][1]
+    assert json.loads((tmp_path / "out" / "trackers.json").read_text()) == {"wandb": {"id": "fake-run-2"}}
+
+
+@pytest.mark.parametrize("value, mode", [("true", "disabled"), ("TRUE", "disabled"), ("1", "disabled"),
+                                         ("false", None), ("", None)])
+def test_wandb_disabled_is_passed_on_as_wandbs_own_switch(tmp_path, monkeypatch, value, mode):
+    """wandb reads WANDB_MODE=disabled itself; WANDB_DISABLED=true is HF Trainer's, which gradaccum honours."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_DISABLED", value)
+    with reporting.open_trackers(TrainConfig(report_to="wandb"), tmp_path, 0, is_main=True):
+        pass
+    assert fake.calls[0][1].get("mode") == mode
+    readme = (ROOT / "README.md").read_text()
+    assert "WANDB_MODE=disabled" in readme and "WANDB_DISABLED=true" in readme
 
 
 def test_only_the_main_process_reports(tmp_path, monkeypatch):

@@ -87,6 +87,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def recorded(self) -> dict[str, Any]:
+        """The settings as run_config.json (and a tracker) records them: `COMMAND_LINE_ONLY` ones false."""
+        return {**self.to_dict(), **{name: False for name in COMMAND_LINE_ONLY if hasattr(self, name)}}
+
 
 def _at_least(name: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
@@ -179,6 +183,25 @@ def trackers(report_to: str) -> tuple[str, ...]:
         raise ConfigError(f"--report-to: unknown value {unknown[0]!r} (choose none, {', '.join(TRACKERS)}, or a "
                           f"comma list such as {','.join(TRACKERS)})")
     return tuple(dict.fromkeys(names))
+
+
+# Settings that act on --output as it is at the time: a run_config.json records them as false, and a
+# --config file may not turn them on (it would act again on every run made from that file).
+COMMAND_LINE_ONLY = ("resume", "overwrite")
+
+# Settings of which a run takes one: a flag given on the command line drops a --config file's value of
+# the settings it excludes (`--epochs 2` over the file's `max_steps: 20`); both given the same way are
+# still refused by TrainConfig.
+_EXCLUDES = {"max_steps": ("epochs",), "epochs": ("max_steps",),
+             "batch_size": ("accumulation_steps",), "accumulation_steps": ("batch_size",),
+             "micro_batch_size": ("memory_budget",)}
+
+
+def excluded_by(name: str, value: Any) -> tuple[str, ...]:
+    """The settings that a flag `name` given as `value` replaces (a budget goes only with an 'auto' size)."""
+    if name == "micro_batch_size" and value == "auto":
+        return ()
+    return _EXCLUDES.get(name, ())
 
 
 # Fields that may change between a run and its --resume without changing what is trained:

@@ -7,11 +7,18 @@ run config goes along as TensorBoard hparams (and a text summary) or as wandb's 
 - Only the main process (rank 0 under torchrun) reports; the others get `Trackers([])`.
 - `check` imports the trackers' packages in set-up, before the run writes anything, so a missing
   package is one line and an untouched --output.
-- What the trackers write lives in --output under `FOLDERS` (tensorboard/, wandb/), which
-  run_folder lets `--overwrite` delete together with the rest of a run.
-- `open_trackers` is a context manager: the trackers are flushed and closed however the loop ends
-  (an exception, a second Ctrl-C), and wandb hears whether the run failed.
-- A resumed run's TensorBoard writer drops the events logged after the checkpoint (they are redone).
+- What the trackers write lives in --output under `FOLDERS` (tensorboard/, wandb/); each tracker
+  that opens there is noted in `RECORD` (trackers.json, with wandb's run id), and run_folder lets
+  `--overwrite` delete the folders of the trackers a run noted (or named in its report_to).
+- `open_trackers` opens them (train does so while its claim on --output can still be undone: a
+  wandb.init that fails leaves the folder, and the run --overwrite would replace, as they were);
+  the `Trackers` it returns is a context manager: the trackers are flushed and closed however the
+  loop ends (an exception, a second Ctrl-C), and wandb hears whether the run failed.
+- A resumed run's TensorBoard writer drops the events logged after the checkpoint (they are redone);
+  its wandb run goes on with the run id noted in trackers.json (`resume="allow"`).
+- wandb reads its own settings (WANDB_MODE=offline logs without an account, WANDB_MODE=disabled
+  turns it off, WANDB_API_KEY, ...); WANDB_DISABLED=true, HF Trainer's switch, which wandb itself
+  ignores, is passed on as mode="disabled".
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import TrainConfig, trackers
 from .errors import ConfigError, TrainingError, first_line
 
 FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> what it writes in --output
+RECORD = "trackers.json"  # in --output: {tracker: {...}} for each tracker that opened there; wandb: its run id
 _INSTALL = {"tensorboard": "pip install tensorboard (or pip install 'gradaccum[tensorboard]')",
             "wandb": "pip install wandb"}
 _NOT_SCALARS = {"step", "skipped", "skip_reason"}  # the step is the x axis; skipping shows as a gap
@@ -58,11 +66,32 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def read_record(output: Path) -> dict[str, dict[str, Any]]:
+    """`RECORD` in `output`: the trackers that opened there ({} when there is none, or it cannot be read)."""
+    try:
+        record = json.loads((output / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(v, dict)} if isinstance(record, dict) else {}
+
+
+def _note(output: Path, name: str, **values: Any) -> None:
+    record = read_record(output)
+    (output / RECORD).write_text(json.dumps({**record, name: {**record.get(name, {}), **values}}, indent=2) + "\n")
+
+
 class Trackers:
-    """The run's trackers as one: `log(record)` sends a metrics record to each, `close(failed)` ends them."""
+    """The run's trackers as one: `log(record)` sends a metrics record to each, `close(failed)` ends them;
+    as a context manager, they are closed when the block ends, as failed if it raised."""
 
     def __init__(self, opened: list[Any]):
         self.opened = opened
+
+    def __enter__(self) -> "Trackers":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(failed=kind is not None)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.opened and (values := scalars(record)):
@@ -75,20 +104,18 @@ class Trackers:
         self.opened = []
 
 
-@contextlib.contextmanager
-def open_trackers(config: TrainConfig, output: Path, start_step: int, is_main: bool) -> Iterator[Trackers]:
-    """The trackers of --report-to (none off the main process), closed when the block ends."""
-    names = trackers(config.report_to) if is_main else ()
+def open_trackers(config: TrainConfig, output: Path, start_step: int, is_main: bool) -> Trackers:
+    """The trackers of --report-to, open (none off the main process); if one fails to open, those
+    opened before it are closed."""
     opened = Trackers([])
-    try:
-        for name in names:
+    with contextlib.ExitStack() as failing:
+        failing.callback(opened.close, failed=True)
+        for name in trackers(config.report_to) if is_main else ():
             opened.opened.append(_TensorBoard(config, output, start_step) if name == "tensorboard"
                                  else _WandB(config, output))
-        yield opened
-    except BaseException:
-        opened.close(failed=True)
-        raise
-    opened.close(failed=False)
+            _note(output, name, **getattr(opened.opened[-1], "noted", {}))
+        failing.pop_all()
+    return opened
 
 
 class _TensorBoard:
@@ -101,11 +128,11 @@ class _TensorBoard:
                                     purge_step=start_step + 1 if start_step else None)
         if not start_step:
             settings = {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
-                        for k, v in config.to_dict().items()}
+                        for k, v in config.recorded().items()}
             experiment, session_start, _ = hparams(settings, {"train/loss": None, "eval/loss": None})
             self.writer.file_writer.add_summary(experiment)
             self.writer.file_writer.add_summary(session_start)
-            self.writer.add_text("run_config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
+            self.writer.add_text("run_config", "```\n" + json.dumps(config.recorded(), indent=2) + "\n```")
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -120,13 +147,21 @@ class _WandB:
     def __init__(self, config: TrainConfig, output: Path):
         import wandb
 
-        # wandb reads WANDB_MODE (offline, disabled), WANDB_DISABLED, WANDB_API_KEY, ... itself.
+        # wandb reads WANDB_MODE (offline, disabled), WANDB_API_KEY, ... itself; not WANDB_DISABLED.
+        settings: dict[str, Any] = dict(project=os.environ.get("WANDB_PROJECT", "gradaccum"), dir=str(output),
+                                        config=config.recorded())
+        if os.environ.get("WANDB_DISABLED", "").strip().upper() in ("1", "TRUE", "YES", "ON"):
+            settings["mode"] = "disabled"  # as HF Trainer reads WANDB_DISABLED
+        run_id = read_record(output).get("wandb", {}).get("id") if config.resume else None
+        if isinstance(run_id, str):
+            settings.update(id=run_id, resume="allow")  # the same wandb run goes on
         try:
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gradaccum"), dir=str(output),
-                                  config=config.to_dict())
+            self.run = wandb.init(**settings)
         except Exception as exc:  # noqa: BLE001 - not logged in, no network: the user's setting, one line
             raise TrainingError(f"--report-to wandb: wandb.init failed: {first_line(exc)} (WANDB_MODE=offline "
                                 "logs without an account)") from None
+        run_id = getattr(self.run, "id", None)
+        self.noted = {"id": run_id} if isinstance(run_id, str) else {}
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)

@@ -101,13 +101,12 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
     """Fine-tune as `config` says; `keep_final_state` also returns the final weights (as final/ holds them)."""
     t_start = time.perf_counter()
     run = set_up(config)
-    progress = start(run)
+    progress, trackers = start(run)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not (run.is_main and config.progress),
                unit="step", dynamic_ncols=True)
-    with StopRequest() as stop, warnings.catch_warnings(), Checkpointing(run) as saves, \
-            reporting.open_trackers(config, run.output, progress.step, run.is_main) as trackers:
+    with trackers, StopRequest() as stop, warnings.catch_warnings(), Checkpointing(run) as saves:
         # The Accumulator warns about skipped windows; here they get one log line each instead.
         warnings.filterwarnings("ignore", message=r"window \d+")
         for window in run.acc.grouped_windows(micro_batches(run, progress.step)):
@@ -246,22 +245,25 @@ def resume_point(output: Path) -> dict[str, Any]:
 # Start: resume, then the first write
 
 
-def start(run: Run) -> Progress:
+def start(run: Run) -> tuple[Progress, reporting.Trackers]:
     """Where the loop starts: step 0, or the newest checkpoint that loads (--resume). Then the run's
-    first write: the folder is claimed and metrics.jsonl keeps only the steps before that point."""
+    first write: the folder is claimed, metrics.jsonl keeps only the steps before that point, and the
+    --report-to trackers open; if they fail to, the claim is undone (run_folder.Claim)."""
     progress = Progress(step=0)
     metrics_path = run.output / "metrics.jsonl"
     if run.config.resume:
         progress.step = resume(run)
         if metrics_path.exists():  # drop steps logged after the checkpoint: they are redone
             progress.metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= progress.step]
+    trackers = reporting.Trackers([])  # only the main process reports
     if run.is_main:
-        run_folder.claim(run.output, run.config)
-        if run.config.resume:
-            checkpoint.remove_partial(run.output)  # what a kill during a save left behind
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in progress.metrics))
+        with run_folder.claim(run.output, run.config):
+            if run.config.resume:
+                checkpoint.remove_partial(run.output)  # what a kill during a save left behind
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in progress.metrics))
+            trackers = reporting.open_trackers(run.config, run.output, progress.step, is_main=True)
     distributed.barrier()
-    return progress
+    return progress, trackers
 
 
 def resume(run: Run) -> int:
