@@ -50,6 +50,10 @@ def plan(quick: bool) -> list[tuple[str, list[str]]]:
         steps.append(("gradaccum vs HF Trainer, one thread",
                       ["bench_vs_hf.py", "--presets", presets, "--rounds", rounds, "--threads", "1",
                        "--output", "vs_hf_1thread.md"]))
+    if have_smollm2:
+        steps.append(("long sequences: long prompts, the head, checkpointing's cost, peak vs length",
+                      ["bench_long.py", "--rounds", "2"]))
+        steps.append(("background checkpoint saves", ["bench_checkpoint.py"]))
     return steps
 
 
