@@ -353,12 +353,13 @@ def bench_sweep(model: str, lengths: list[int], rounds: int, data: Path, flag: b
 HEADLINE_SIDES = ("gradaccum", "HF", PLAIN, "HF, no checkpointing")
 
 
-def bench_headline(model: str, data: Path, length: int, rounds: int, steps: int) -> dict:
+def bench_headline(model: str, data: Path, length: int, rounds: int, steps: int,
+                   sides: tuple[str, ...] = HEADLINE_SIDES) -> dict:
     """The issue's setting: each side at one --max-length on long-prompt records, sides rotated per round."""
-    runs: dict = {side: [] for side in HEADLINE_SIDES}
+    runs: dict = {side: [] for side in sides}
     for round_index in range(rounds):
-        shift = round_index % len(HEADLINE_SIDES)
-        for side in HEADLINE_SIDES[shift:] + HEADLINE_SIDES[:shift]:
+        shift = round_index % len(sides)
+        for side in sides[shift:] + sides[:shift]:
             output = Path(tempfile.mkdtemp(prefix="bench_long_"))
             try:
                 if side.startswith("HF"):
@@ -397,7 +398,7 @@ def report_headline(runs: dict, length: int, steps: int, num_tokens: int, weight
         f"--max-length {length}, prompt/completion records of ~{num_tokens} tokens (a long context of task "
         "lines, then one question; ~1% of positions are targets), each run a fresh process (imports, load, "
         "tokenize, train, save final/), peak RSS of that process (wait4). 'gradaccum' and 'HF' both use "
-        "activation checkpointing; the other two rows are the same runs without it. Ratios are of medians "
+        "activation checkpointing; the rows 'no checkpointing' are the same runs without it. Ratios are of medians "
         "against 'HF' (with checkpointing); 'per round' pairs the runs of one round.", "",
         table.markdown(), "",
         f"Floor of any float32 AdamW fine-tune of this model: weights + gradients + two moments = "
@@ -519,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-tokens", type=int, default=1700, help="headline: tokens per generated record")
     parser.add_argument("--long-length", type=int, default=2048, help="headline: --max-length")
     parser.add_argument("--long-data", help="headline: your own long records instead of generated ones")
+    parser.add_argument("--headline-pair", action="store_true",
+                        help="headline: only gradaccum and HF with checkpointing (not the runs without it)")
     parser.add_argument("--headline-output", default="long_prompts.md", help="the headline's results")
     parser.add_argument("--cost-lengths", default="256,1024", help="cost: sequence lengths")
     parser.add_argument("--cost-output", default="long_cost.md", help="the cost section's results")
@@ -576,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
             data = Path(args.long_data) if args.long_data else Path(tmp) / "long_prompt.jsonl"
             if not args.long_data:
                 long_prompt_records(data, args.model, args.long_tokens)
-            runs = bench_headline(args.model, data, args.long_length, args.rounds, args.steps)
+            sides = HEADLINE_SIDES[:2] if args.headline_pair else HEADLINE_SIDES
+            runs = bench_headline(args.model, data, args.long_length, args.rounds, args.steps, sides)
         weights = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors")) or \
             sum(f.stat().st_size for f in Path(args.model).glob("*.gguf"))
         text = "\n".join(["# Long prompts: gradaccum vs HF Trainer", "", *header,
