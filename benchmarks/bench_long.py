@@ -114,7 +114,7 @@ def probe_head(length: int, head: str, checkpointing: bool, repeats: int = 2) ->
 PROBE_ENV = {"OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
              "THP_MEM_ALLOC_ENABLE": "0"}
 # Timing: the environment the CLI runs in (glibc's defaults, huge pages for torch's large blocks).
-TIME_ENV = {"OMP_NUM_THREADS": "2", "THP_MEM_ALLOC_ENABLE": "1"}
+TIME_ENV = {"OMP_NUM_THREADS": "2"}
 HEADS = ("chunked:1024", "chunked:256", "chunked:128", "plain")  # chunked:N = CausalLMLoss(chunk_size=N)
 
 
@@ -339,7 +339,7 @@ def bench_sweep(model: str, lengths: list[int], rounds: int, data: Path, flag: b
                     else:
                         command = gradaccum_command(model, data, length, output,
                                                     flag if side == "gradaccum" else None, steps)
-                    run = run_process(command, env=env_with_src({"THP_MEM_ALLOC_ENABLE": "1"}))
+                    run = run_process(command, env=env_with_src())
                     if run.returncode != 0:
                         raise RuntimeError(f"{side} at L={length} failed:\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}")
                     runs[side].setdefault(length, []).append(run)
@@ -369,7 +369,7 @@ def bench_headline(model: str, data: Path, length: int, rounds: int, steps: int,
                 else:
                     command = gradaccum_command(model, data, length, output, True if side == "gradaccum" else None,
                                                 steps)
-                run = run_process(command, env=env_with_src({"THP_MEM_ALLOC_ENABLE": "1"}))
+                run = run_process(command, env=env_with_src())
                 if run.returncode != 0:
                     raise RuntimeError(f"{side} failed:\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}")
                 runs[side].append(run)
@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
                 length = fitted["longest"]["gradaccum"]
                 output = Path(tmp) / "verify"
                 run = run_process(gradaccum_command(args.model, data, length, output, flag, args.steps),
-                                  env=env_with_src({"THP_MEM_ALLOC_ENABLE": "1"}))
+                                  env=env_with_src())
                 verified = {"length": length, "peak_bytes": run.peak_rss_bytes, "returncode": run.returncode}
         section, fitted = report_sweep(runs, lengths, budget, verified, args.steps)
         text = "\n".join(["# Long sequences: gradaccum vs HF Trainer with activation checkpointing", "", *header,

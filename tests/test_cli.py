@@ -97,19 +97,6 @@ def test_no_traceback_from_the_console_script(tmp_path):
     assert "Traceback" not in proc.stderr and "bad.jsonl:1" in proc.stderr
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
-def test_cli_asks_for_huge_pages_before_torch_loads(preset, expected):
-    """The CLI turns on torch's THP allocation (fewer page faults) unless the user chose; torch is not
-    imported by `gradaccum.cli` itself, so the setting is in place before c10's first allocation."""
-    code = ("import os, sys; import gradaccum.cli as cli; assert 'torch' not in sys.modules; "
-            "cli._use_huge_pages_for_large_tensors(); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == (expected if sys.platform.startswith("linux") else (preset or "None"))
-
-
 FREED_BLOCK_PROBE = """
 import ctypes, sys
 import gradaccum.cli as cli

@@ -42,7 +42,6 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    _use_huge_pages_for_large_tensors()
     _return_large_blocks_to_the_kernel()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(chosen=next((arg for arg in argv if not arg.startswith("-")), None))
@@ -153,19 +152,6 @@ def _base_type(annotation: Any) -> type:
     return annotation
 
 
-def _use_huge_pages_for_large_tensors() -> None:
-    """Ask torch's CPU allocator for transparent huge pages on blocks of 2 MiB and more.
-
-    torch returns large blocks to the kernel on free, so every micro-batch's activations and every
-    window's gradients are page-faulted in again, 4 KiB at a time; with huge pages one fault maps
-    2 MiB (what it saves: benchmarks/README.md). c10 reads the variable once, at its first allocation,
-    so this runs before torch is imported; a value the user set (THP_MEM_ALLOC_ENABLE=0 turns it off)
-    is kept.
-    """
-    if sys.platform.startswith("linux") and "torch" not in sys.modules:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 # Blocks of this many bytes and more are their own mappings, returned to the kernel on free.
 MMAP_THRESHOLD_BYTES = 4 * 2 ** 20
 
@@ -177,7 +163,9 @@ def _return_large_blocks_to_the_kernel() -> bool:
     blocks below it come from the heap, and a freed heap block stays resident while anything above
     it lives: the first backward's transients then hold their pages under the AdamW state allocated
     after them. Fixed at 4 MiB, SmolLM2-135M at 1,700 tokens peaked 760 MiB lower (2,901 vs 3,660
-    MiB, benchmarks/results/long_prompts.md); with torch's huge pages the extra faults are 2 MiB each.
+    MiB, benchmarks/results/long_prompts.md), for ~7% more system time (freed blocks fault in again).
+    torch's huge pages (THP_MEM_ALLOC_ENABLE=1), which the CLI used to ask for, then cost more than
+    they saved: 0.96x vs 0.87x of HF Trainer's wall at 2 x 256 tokens (benchmarks/results/vs_hf.md).
     A MALLOC_MMAP_THRESHOLD_ the user set is kept (glibc read it at start). Returns whether it was set.
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
