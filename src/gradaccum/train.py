@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def train(config: TrainConfig, *, keep_final_state: bool = False) -> TrainResult
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not (run.is_main and config.progress),
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)  # a log: 2/min
     with trackers, StopRequest() as stop, warnings.catch_warnings(), Checkpointing(run) as saves:
         # The Accumulator warns about skipped windows; here they get one log line each instead.
         warnings.filterwarnings("ignore", message=r"window \d+")
@@ -390,7 +391,7 @@ def log_step(run: Run, progress: Progress, record: dict[str, Any], bar) -> None:
             f.write(json.dumps(record) + "\n")
     bar.set_postfix(loss=f"{record['loss']:.4f}", targets_s=f"{record['targets_per_second'] or 0:.0f}",
                     **({"eval_acc": f"{record['eval_accuracy']:.2f}"}
-                       if record.get("eval_accuracy") is not None else {}))
+                       if record.get("eval_accuracy") is not None else {}), refresh=False)
     bar.update(1)
     if record["skipped"] and run.is_main:
         bar.write(f"step {progress.step}: optimizer step skipped ({record['skip_reason']})")
