@@ -19,7 +19,6 @@ import torch
 
 from . import checkpoint, distributed
 from .async_save import AsyncSaver, SaveCadence
-from .checkpoint import CheckpointWriteError
 from .errors import ConfigError
 from .layer_checkpointing import is_peft_model
 
@@ -157,10 +156,5 @@ class Checkpointing:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # already failing: let the write in flight land, without hiding the original error
-            self.close()
-        except CheckpointWriteError:
-            pass
+        if self.saver is not None:  # the saver's own exit: an error already raised wins over its write's
+            self.saver.__exit__(exc_type, exc, tb)
